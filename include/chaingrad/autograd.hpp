@@ -1,0 +1,249 @@
+#pragma once
+// Reverse-mode automatic differentiation.
+//
+// Every differentiable op that sees an input needing a gradient records one Node. A Node has
+// exactly one output (multi-output functions such as split are compositions of single-output
+// views) and one edge per input: the input's own grad_fn, the AccumulateGrad node of a leaf, or
+// null when that input needs no gradient. The Engine walks the graph iteratively in reverse
+// topological order using dependency counts, sums gradients at fan-out, reduces broadcast
+// gradients to each input's shape, and stores leaf gradients in `.grad`.
+//
+// Note [saved tensors]: a node must not own its inputs' grad_fn strongly through saved tensors
+// (that would duplicate the edges and, for a saved output, make a cycle). SavedTensor therefore
+// keeps the data plus a weak reference to the grad_fn, and re-attaches it on unpack so that
+// create_graph can differentiate through saved values.
+//
+// Note [version counter]: SavedTensor remembers the storage version at save time; unpacking a
+// tensor that was modified in place since then is an error that names the op.
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "chaingrad/tensor.hpp"
+
+namespace chaingrad {
+
+using GradList = std::vector<Tensor>;
+
+class SavedTensor {
+ public:
+  SavedTensor() = default;
+  SavedTensor(const Tensor& t, bool is_output);
+  // `owner` is the node that saved it (needed to re-attach a saved output to its own node).
+  Tensor unpack(const Node& owner) const;
+  bool defined() const { return data_.defined(); }
+  void reset() { data_ = Tensor(); }
+
+ private:
+  Tensor data_;
+  std::weak_ptr<Node> grad_fn_;
+  std::uint32_t version_ = 0;
+  bool is_output_ = false;
+  bool reattach_ = false;  // data_ is a detached alias; restore requires_grad/grad_fn on unpack
+};
+
+struct InputMeta {
+  Dims shape;
+  DType dtype;
+};
+
+class Node;
+namespace detail {
+void record_node(const std::shared_ptr<Node>& node, std::span<const Tensor> inputs, Tensor& output);
+}
+
+class Node : public std::enable_shared_from_this<Node> {
+ public:
+  Node();
+  virtual ~Node();
+  Node(const Node&) = delete;
+  Node& operator=(const Node&) = delete;
+
+  // The op's name as users know it ("mul", "matmul", ...).
+  virtual const char* name() const = 0;
+  // Vector-Jacobian product: one gradient per input (undefined where !needs_grad(i) or zero).
+  virtual GradList apply(const Tensor& grad_output) = 0;
+  // Frees saved tensors once backward has used them (unless retain_graph).
+  virtual void release_saved() {}
+  virtual bool is_accumulate_grad() const { return false; }
+
+  std::size_t num_inputs() const { return next_edges_.size(); }
+  bool needs_grad(std::size_t i) const { return next_edges_[i] != nullptr; }
+  const std::vector<std::shared_ptr<Node>>& next_edges() const { return next_edges_; }
+  const std::vector<InputMeta>& input_meta() const { return input_meta_; }
+  std::uint64_t sequence_nr() const { return sequence_nr_; }
+  bool released() const { return released_; }
+  // Output's shape and dtype, recorded at creation.
+  const InputMeta& output_meta() const { return output_meta_; }
+  // Hooks on the gradient w.r.t. this node's output (i.e. a non-leaf tensor's hooks).
+  std::vector<GradHook>& pre_hooks() { return pre_hooks_; }
+  // Optional label of the output tensor, used by the explainer.
+  const std::string& label() const { return label_; }
+  void set_label(std::string l) { label_ = std::move(l); }
+
+ protected:
+  friend class Engine;
+  friend void detail::record_node(const std::shared_ptr<Node>&, std::span<const Tensor>, Tensor&);
+  std::vector<std::shared_ptr<Node>> next_edges_;
+  std::vector<InputMeta> input_meta_;
+  InputMeta output_meta_{};
+  std::vector<GradHook> pre_hooks_;
+  std::string label_;
+  std::uint64_t sequence_nr_;
+  bool released_ = false;
+  // Engine scratch space (one backward runs at a time on a given graph).
+  std::int64_t dependencies_ = 0;
+  Tensor input_buffer_;
+  bool needed_ = false;
+  bool visited_ = false;
+};
+
+// Node for a leaf that requires grad: adds the incoming gradient into the leaf's `.grad`.
+class AccumulateGrad final : public Node {
+ public:
+  explicit AccumulateGrad(const std::shared_ptr<TensorImpl>& leaf);
+  const char* name() const override { return "AccumulateGrad"; }
+  GradList apply(const Tensor& grad_output) override;
+  bool is_accumulate_grad() const override { return true; }
+  std::shared_ptr<TensorImpl> leaf() const { return leaf_.lock(); }
+
+ private:
+  std::weak_ptr<TensorImpl> leaf_;
+};
+
+// The edge through which a gradient reaches `t`: its grad_fn, its accumulator if it is a leaf
+// requiring grad, or null.
+std::shared_ptr<Node> gradient_edge(const Tensor& t);
+
+// ---- grad mode ----
+class GradMode {
+ public:
+  static bool is_enabled();
+  static void set_enabled(bool on);
+};
+class NoGradGuard {
+ public:
+  NoGradGuard() : prev_(GradMode::is_enabled()) { GradMode::set_enabled(false); }
+  ~NoGradGuard() { GradMode::set_enabled(prev_); }
+  NoGradGuard(const NoGradGuard&) = delete;
+  NoGradGuard& operator=(const NoGradGuard&) = delete;
+
+ private:
+  bool prev_;
+};
+class EnableGradGuard {
+ public:
+  explicit EnableGradGuard(bool on) : prev_(GradMode::is_enabled()) { GradMode::set_enabled(on); }
+  ~EnableGradGuard() { GradMode::set_enabled(prev_); }
+  EnableGradGuard(const EnableGradGuard&) = delete;
+  EnableGradGuard& operator=(const EnableGradGuard&) = delete;
+
+ private:
+  bool prev_;
+};
+
+// Anomaly mode: every recorded op checks its output, and backward checks every gradient, for
+// NaN/Inf; the error names the op, its inputs' shapes and where it was created.
+class AnomalyMode {
+ public:
+  static bool is_enabled();
+  static void set_enabled(bool on);
+};
+class DetectAnomalyGuard {
+ public:
+  DetectAnomalyGuard() : prev_(AnomalyMode::is_enabled()) { AnomalyMode::set_enabled(true); }
+  ~DetectAnomalyGuard() { AnomalyMode::set_enabled(prev_); }
+  DetectAnomalyGuard(const DetectAnomalyGuard&) = delete;
+  DetectAnomalyGuard& operator=(const DetectAnomalyGuard&) = delete;
+
+ private:
+  bool prev_;
+};
+
+// Observes the engine as it runs (the explainer's --trace uses it).
+struct BackwardObserver {
+  virtual ~BackwardObserver() = default;
+  // A node is about to run with its fully summed upstream gradient.
+  virtual void on_node(const Node& node, const Tensor& grad_output) { (void)node, (void)grad_output; }
+  // The node produced `grad` for input `i` (already reduced to the input's shape).
+  virtual void on_input_grad(const Node& node, std::size_t i, const Tensor& grad) {
+    (void)node, (void)i, (void)grad;
+  }
+  // A second (or later) contribution arrived for `target`: fan-out summation.
+  virtual void on_accumulate(const Node& target, const Tensor& before, const Tensor& added) {
+    (void)target, (void)before, (void)added;
+  }
+};
+
+namespace autograd {
+
+struct BackwardOptions {
+  bool retain_graph = false;
+  bool create_graph = false;
+  BackwardObserver* observer = nullptr;
+};
+
+// Backpropagates from `outputs` (with upstream gradients; undefined = ones for one-element outputs),
+// accumulating into the `.grad` of the leaves.
+void backward(const std::vector<Tensor>& outputs, const std::vector<Tensor>& grad_outputs = {},
+              BackwardOptions options = {});
+
+// Gradients of `outputs` w.r.t. `inputs`, returned rather than stored in `.grad`.
+// An input the outputs do not depend on is an error, or an undefined Tensor with allow_unused.
+std::vector<Tensor> grad(const std::vector<Tensor>& outputs, const std::vector<Tensor>& inputs,
+                         const std::vector<Tensor>& grad_outputs = {}, bool retain_graph = false,
+                         bool create_graph = false, bool allow_unused = false);
+
+}  // namespace autograd
+
+// ---- recording ops (the one mechanism every op uses) ----
+namespace detail {
+
+// True when grad mode is on and some input requires grad.
+bool any_requires_grad(std::span<const Tensor> inputs);
+inline bool any_requires_grad(std::initializer_list<Tensor> inputs) {
+  return any_requires_grad(std::span<const Tensor>(inputs.begin(), inputs.size()));
+}
+
+// A node whose backward is a lambda `GradList(const Tensor& grad_output, const Node& self)`;
+// the lambda captures what backward needs (SavedTensors, sizes). Its captures are released after
+// backward unless retain_graph.
+template <class F>
+class FunctionNode final : public Node {
+ public:
+  FunctionNode(const char* name, F fn) : name_(name), fn_(std::move(fn)) {}
+  const char* name() const override { return name_; }
+  GradList apply(const Tensor& grad_output) override {
+    if (!fn_) {
+      throw_error<AutogradError>(
+          name_, ": trying to backward through the graph a second time (its saved values were freed); "
+                 "pass retain_graph=true to the first backward if you need to backward twice");
+    }
+    return (*fn_)(grad_output, static_cast<const Node&>(*this));
+  }
+  void release_saved() override { fn_.reset(); }
+
+ private:
+  const char* name_;
+  std::optional<F> fn_;
+};
+
+void record_node(const std::shared_ptr<Node>& node, std::span<const Tensor> inputs, Tensor& output);
+
+// Records `output = name(inputs...)` with backward `fn` when any input requires grad.
+template <class F>
+void record(const char* name, std::initializer_list<Tensor> inputs, Tensor& output, F&& fn) {
+  auto node = std::make_shared<FunctionNode<std::decay_t<F>>>(name, std::forward<F>(fn));
+  record_node(node, std::span<const Tensor>(inputs.begin(), inputs.size()), output);
+}
+template <class F>
+void record(const char* name, std::span<const Tensor> inputs, Tensor& output, F&& fn) {
+  auto node = std::make_shared<FunctionNode<std::decay_t<F>>>(name, std::forward<F>(fn));
+  record_node(node, inputs, output);
+}
+
+}  // namespace detail
+}  // namespace chaingrad

@@ -1,0 +1,251 @@
+// The backward engine: an iterative walk in reverse topological order (no recursion, so a chain
+// of 100,000 ops is fine), dependency counts for readiness, gradient sums at fan-out, broadcast
+// reduction and dtype restoration for every input gradient (pattern 3: the engine owns plumbing).
+#include <algorithm>
+#include <queue>
+#include <unordered_map>
+
+#include "chaingrad/autograd.hpp"
+#include "chaingrad/ops.hpp"
+
+namespace chaingrad {
+
+class Engine {
+ public:
+  struct Capture {
+    std::vector<Node*> targets;  // grad(): stop at these nodes and return their gradients
+    std::vector<Tensor> results;
+  };
+
+  static void run(const std::vector<std::shared_ptr<Node>>& roots, const std::vector<Tensor>& root_grads,
+                  const autograd::BackwardOptions& opt, Capture* capture) {
+    std::vector<Node*> nodes;  // every node reached, for scratch reset
+    struct Reset {
+      std::vector<Node*>& nodes;
+      ~Reset() {
+        for (Node* n : nodes) {
+          n->dependencies_ = 0;
+          n->input_buffer_ = Tensor();
+          n->needed_ = false;
+          n->visited_ = false;
+        }
+      }
+    } reset{nodes};
+
+    // 1. Discover the graph and count, for each node, the edges that point into it.
+    std::vector<Node*> stack;
+    for (const auto& r : roots) {
+      if (!r->visited_) {
+        r->visited_ = true;
+        nodes.push_back(r.get());
+        stack.push_back(r.get());
+      }
+    }
+    while (!stack.empty()) {
+      Node* n = stack.back();
+      stack.pop_back();
+      for (const auto& e : n->next_edges_) {
+        if (!e) continue;
+        e->dependencies_++;
+        if (!e->visited_) {
+          e->visited_ = true;
+          nodes.push_back(e.get());
+          stack.push_back(e.get());
+        }
+      }
+    }
+
+    // 2. For grad(): run only nodes that lead to a requested input; backward() runs everything.
+    if (capture) {
+      mark_needed(nodes, capture->targets);
+    } else {
+      for (Node* n : nodes) n->needed_ = true;
+    }
+
+    // 3. Seed the roots' buffers; among nodes of equal readiness the most recent op runs first.
+    auto by_sequence = [](const Node* a, const Node* b) { return a->sequence_nr_ < b->sequence_nr_; };
+    std::priority_queue<Node*, std::vector<Node*>, decltype(by_sequence)> ready(by_sequence);
+    for (std::size_t i = 0; i < roots.size(); ++i) accumulate(*roots[i], root_grads[i], opt);
+    std::vector<Node*> seeded;
+    for (const auto& r : roots) {
+      if (r->dependencies_ == 0 && std::find(seeded.begin(), seeded.end(), r.get()) == seeded.end()) {
+        ready.push(r.get());
+        seeded.push_back(r.get());
+      }
+    }
+
+    EnableGradGuard grad_mode(opt.create_graph);
+    while (!ready.empty()) {
+      Node* node = ready.top();
+      ready.pop();
+      Tensor grad = std::move(node->input_buffer_);
+      node->input_buffer_ = Tensor();
+
+      if (capture) {
+        auto it = std::find(capture->targets.begin(), capture->targets.end(), node);
+        if (it != capture->targets.end()) {
+          for (std::size_t k = 0; k < capture->targets.size(); ++k)
+            if (capture->targets[k] == node) capture->results[k] = grad;
+        }
+      }
+
+      GradList grads;
+      const bool run_node = grad.defined() && node->needed_ && !(capture && node->is_accumulate_grad());
+      if (run_node) {
+        for (auto& hook : node->pre_hooks_) {
+          Tensor r = hook(grad);
+          if (r.defined()) grad = r;
+        }
+        if (opt.observer) opt.observer->on_node(*node, grad);
+        grads = node->apply(grad);
+        if (!opt.retain_graph) {
+          node->release_saved();
+          node->released_ = true;
+        }
+        CG_ASSERT(grads.empty() || grads.size() == node->next_edges_.size());
+      }
+
+      for (std::size_t i = 0; i < node->next_edges_.size(); ++i) {
+        Node* next = node->next_edges_[i].get();
+        if (!next) continue;
+        if (i < grads.size() && grads[i].defined()) {
+          Tensor g = fit_to_input(*node, i, std::move(grads[i]));
+          if (opt.observer) opt.observer->on_input_grad(*node, i, g);
+          if (next->input_buffer_.defined() && opt.observer) opt.observer->on_accumulate(*next, next->input_buffer_, g);
+          accumulate(*next, std::move(g), opt);
+        }
+        if (--next->dependencies_ == 0) ready.push(next);
+      }
+    }
+  }
+
+ private:
+  // Reduces a broadcast gradient to the input's shape and restores its dtype.
+  static Tensor fit_to_input(const Node& node, std::size_t i, Tensor g) {
+    const InputMeta& meta = node.input_meta_[i];
+    if (!(g.shape() == meta.shape)) {
+      CG_CHECK(g.numel() >= meta.shape.numel(), InternalError, node.name(), ": backward returned a gradient of shape ",
+               g.shape(), " for input ", i, " of shape ", meta.shape);
+      g = sum_to(g, meta.shape);
+    }
+    if (g.dtype() != meta.dtype) g = cast(g, meta.dtype);
+    if (AnomalyMode::is_enabled() && !isfinite_all(g)) {
+      detail::throw_error<ValueError>("anomaly detected: the backward of ", node.name(),
+                                      " produced a non-finite gradient (NaN or Inf) for its input ", i, " of shape ",
+                                      meta.shape, " (op #", node.sequence_nr(), ")");
+    }
+    return g;
+  }
+
+  static void accumulate(Node& target, Tensor g, const autograd::BackwardOptions& opt) {
+    if (!g.defined()) return;
+    Tensor& buf = target.input_buffer_;
+    if (!buf.defined()) {
+      buf = std::move(g);
+    } else if (!opt.create_graph && buf.impl_ptr().use_count() == 1 && buf.storage().use_count() == 1 &&
+               !buf.requires_grad() && buf.shape() == g.shape() && buf.is_contiguous()) {
+      buf.add_(g);  // the buffer is ours alone: sum in place
+    } else {
+      buf = add(buf, g);
+    }
+  }
+
+  // needed_ = some path from this node reaches a target. Post-order over the discovered nodes.
+  static void mark_needed(const std::vector<Node*>& nodes, const std::vector<Node*>& targets) {
+    for (Node* n : nodes) n->needed_ = false;
+    std::unordered_map<Node*, int> state;  // 0 unseen, 1 open, 2 done
+    for (Node* start : nodes) {
+      if (state[start] == 2) continue;
+      std::vector<std::pair<Node*, std::size_t>> st{{start, 0}};
+      state[start] = 1;
+      while (!st.empty()) {
+        auto& [n, i] = st.back();
+        if (i < n->next_edges_.size()) {
+          Node* c = n->next_edges_[i++].get();
+          if (c && state[c] == 0) {
+            state[c] = 1;
+            st.push_back({c, 0});
+          }
+          continue;
+        }
+        bool needed = std::find(targets.begin(), targets.end(), n) != targets.end();
+        for (const auto& e : n->next_edges_) needed = needed || (e && e->needed_);
+        n->needed_ = needed;
+        state[n] = 2;
+        st.pop_back();
+      }
+    }
+  }
+
+  friend void autograd::backward(const std::vector<Tensor>&, const std::vector<Tensor>&, autograd::BackwardOptions);
+  friend std::vector<Tensor> autograd::grad(const std::vector<Tensor>&, const std::vector<Tensor>&,
+                                            const std::vector<Tensor>&, bool, bool, bool);
+};
+
+namespace autograd {
+namespace {
+
+void prepare_roots(const std::vector<Tensor>& outputs, const std::vector<Tensor>& grad_outputs,
+                   std::vector<std::shared_ptr<Node>>& roots, std::vector<Tensor>& grads) {
+  CG_CHECK(grad_outputs.empty() || grad_outputs.size() == outputs.size(), ValueError, "backward: got ",
+           outputs.size(), " outputs but ", grad_outputs.size(), " gradients");
+  for (std::size_t i = 0; i < outputs.size(); ++i) {
+    const Tensor& out = outputs[i];
+    CG_CHECK(out.defined(), ValueError, "backward: output ", i, " is undefined");
+    CG_CHECK(out.requires_grad(), AutogradError, "backward: output ", i,
+             " does not require grad and has no grad_fn (was it computed under no_grad, or from tensors "
+             "without requires_grad?)");
+    Tensor g = grad_outputs.empty() ? Tensor() : grad_outputs[i];
+    if (!g.defined()) {
+      CG_CHECK(out.numel() == 1, ValueError,
+               "backward: a gradient can be created implicitly only for one-element outputs; got shape ",
+               out.shape(), " (pass grad_output)");
+      g = ones(out.shape(), {.dtype = out.dtype()});
+    } else {
+      CG_CHECK(g.shape() == out.shape(), ShapeError, "backward: grad_output has shape ", g.shape(),
+               " but the output has shape ", out.shape());
+    }
+    roots.push_back(gradient_edge(out));
+    grads.push_back(std::move(g));
+  }
+}
+
+}  // namespace
+
+void backward(const std::vector<Tensor>& outputs, const std::vector<Tensor>& grad_outputs, BackwardOptions options) {
+  std::vector<std::shared_ptr<Node>> roots;
+  std::vector<Tensor> grads;
+  prepare_roots(outputs, grad_outputs, roots, grads);
+  Engine::run(roots, grads, options, nullptr);
+}
+
+std::vector<Tensor> grad(const std::vector<Tensor>& outputs, const std::vector<Tensor>& inputs,
+                         const std::vector<Tensor>& grad_outputs, bool retain_graph, bool create_graph,
+                         bool allow_unused) {
+  std::vector<std::shared_ptr<Node>> roots;
+  std::vector<Tensor> grads;
+  prepare_roots(outputs, grad_outputs, roots, grads);
+  Engine::Capture capture;
+  std::vector<std::shared_ptr<Node>> keep;  // accumulators created here must live through the run
+  for (std::size_t i = 0; i < inputs.size(); ++i) {
+    CG_CHECK(inputs[i].defined() && inputs[i].requires_grad(), AutogradError, "grad: input ", i,
+             " does not require grad");
+    keep.push_back(gradient_edge(inputs[i]));
+    capture.targets.push_back(keep.back().get());
+  }
+  capture.results.resize(inputs.size());
+  Engine::run(roots, grads, {.retain_graph = retain_graph, .create_graph = create_graph}, &capture);
+  for (std::size_t i = 0; i < inputs.size(); ++i) {
+    Tensor& r = capture.results[i];
+    if (!r.defined()) {
+      CG_CHECK(allow_unused, AutogradError, "grad: input ", i,
+               " was not used to compute the outputs (pass allow_unused=true to get an undefined tensor)");
+      continue;
+    }
+    if (!create_graph) r = r.detach();
+  }
+  return capture.results;
+}
+
+}  // namespace autograd
+}  // namespace chaingrad

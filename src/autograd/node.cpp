@@ -1,0 +1,143 @@
+#include <atomic>
+#include <cmath>
+
+#include "chaingrad/autograd.hpp"
+#include "chaingrad/ops.hpp"
+
+namespace chaingrad {
+
+namespace {
+thread_local bool grad_mode_enabled = true;
+thread_local bool anomaly_mode_enabled = false;
+std::atomic<std::uint64_t> next_sequence_nr{0};
+// While a graph is being torn down, nodes whose last owner goes away are parked here instead of
+// being destroyed recursively, so a chain of 100,000 nodes frees in a loop (pattern 4).
+thread_local std::vector<std::shared_ptr<Node>>* pending_deletes = nullptr;
+}  // namespace
+
+bool GradMode::is_enabled() { return grad_mode_enabled; }
+void GradMode::set_enabled(bool on) { grad_mode_enabled = on; }
+bool AnomalyMode::is_enabled() { return anomaly_mode_enabled; }
+void AnomalyMode::set_enabled(bool on) { anomaly_mode_enabled = on; }
+
+Node::Node() : sequence_nr_(next_sequence_nr.fetch_add(1, std::memory_order_relaxed)) {}
+
+Node::~Node() {
+  if (pending_deletes) {
+    for (auto& e : next_edges_)
+      if (e) pending_deletes->push_back(std::move(e));
+    return;
+  }
+  std::vector<std::shared_ptr<Node>> stack;
+  pending_deletes = &stack;
+  for (auto& e : next_edges_)
+    if (e) stack.push_back(std::move(e));
+  while (!stack.empty()) {
+    std::shared_ptr<Node> n = std::move(stack.back());
+    stack.pop_back();
+    n.reset();  // if this was the last owner, its destructor appends its own edges to `stack`
+  }
+  pending_deletes = nullptr;
+}
+
+// ---------------------------------------------------------------- SavedTensor
+SavedTensor::SavedTensor(const Tensor& t, bool is_output) : is_output_(is_output) {
+  if (!t.defined()) return;
+  version_ = t.version();
+  if (is_output || (t.requires_grad() && !t.is_leaf())) {
+    data_ = t.detach();
+    reattach_ = true;
+    if (!is_output) grad_fn_ = t.grad_fn();
+  } else {
+    data_ = t;  // leaves and constants own no nodes, so a strong reference makes no cycle
+  }
+}
+
+Tensor SavedTensor::unpack(const Node& owner) const {
+  if (!data_.defined()) return data_;
+  CG_CHECK(data_.version() == version_, AutogradError, owner.name(),
+           ": a tensor it saved for backward (shape ", data_.shape(), ") was modified by an in-place operation "
+           "after the forward pass (its version is ", data_.version(), ", expected ", version_,
+           "); clone it before modifying it, or modify it before using it");
+  if (!reattach_ || !GradMode::is_enabled()) return data_;
+  // create_graph: give the value back its place in the graph so gradients can flow through it.
+  std::shared_ptr<Node> fn = is_output_ ? const_cast<Node&>(owner).shared_from_this() : grad_fn_.lock();
+  if (!fn) return data_;
+  Tensor t = data_.detach();
+  t.impl()->grad_fn = std::move(fn);
+  t.impl()->requires_grad = true;
+  return t;
+}
+
+// ---------------------------------------------------------------- AccumulateGrad
+AccumulateGrad::AccumulateGrad(const std::shared_ptr<TensorImpl>& leaf) : leaf_(leaf) {
+  next_edges_.clear();
+  output_meta_ = {leaf->shape, leaf->dtype};
+}
+
+GradList AccumulateGrad::apply(const Tensor& grad_output) {
+  std::shared_ptr<TensorImpl> leaf = leaf_.lock();
+  if (!leaf) return {};
+  Tensor grad = grad_output;
+  for (auto& hook : leaf->hooks) {
+    Tensor r = hook(grad);
+    if (r.defined()) grad = r;
+  }
+  if (!leaf->grad_impl) {
+    if (GradMode::is_enabled())
+      leaf->grad_impl = grad.impl_ptr();  // create_graph: .grad keeps its own graph
+    else if (grad.storage().use_count() == 1 && grad.is_contiguous() && grad.impl_ptr().use_count() <= 2)
+      leaf->grad_impl = grad.detach().impl_ptr();  // nobody else sees this buffer: take it
+    else
+      leaf->grad_impl = grad.detach().clone().impl_ptr();
+  } else if (GradMode::is_enabled()) {
+    leaf->grad_impl = add(Tensor(leaf->grad_impl), grad).impl_ptr();
+  } else {
+    Tensor(leaf->grad_impl).add_(grad);
+  }
+  return {};
+}
+
+std::shared_ptr<Node> gradient_edge(const Tensor& t) {
+  if (!t.defined() || !t.requires_grad()) return nullptr;
+  if (t.grad_fn()) return t.grad_fn();
+  TensorImpl* impl = t.impl();
+  if (auto acc = impl->grad_accumulator.lock()) return acc;
+  auto acc = std::make_shared<AccumulateGrad>(t.impl_ptr());
+  impl->grad_accumulator = acc;
+  return acc;
+}
+
+// ---------------------------------------------------------------- recording
+namespace detail {
+
+bool any_requires_grad(std::span<const Tensor> inputs) {
+  if (!GradMode::is_enabled()) return false;
+  for (const Tensor& t : inputs)
+    if (t.defined() && t.requires_grad()) return true;
+  return false;
+}
+
+void record_node(const std::shared_ptr<Node>& node, std::span<const Tensor> inputs, Tensor& output) {
+  node->next_edges_.reserve(inputs.size());
+  node->input_meta_.reserve(inputs.size());
+  for (const Tensor& t : inputs) {
+    node->next_edges_.push_back(gradient_edge(t));
+    node->input_meta_.push_back(t.defined() ? InputMeta{t.shape(), t.dtype()} : InputMeta{{}, DType::Float64});
+  }
+  node->output_meta_ = {output.shape(), output.dtype()};
+  if (!output.name().empty()) node->label_ = output.name();
+  output.impl()->grad_fn = node;
+  output.impl()->requires_grad = true;
+  if (AnomalyMode::is_enabled() && is_floating(output.dtype()) && !isfinite_all(output)) {
+    std::ostringstream shapes;
+    for (std::size_t i = 0; i < inputs.size(); ++i)
+      shapes << (i ? ", " : "") << (inputs[i].defined() ? to_string(inputs[i].shape()) : "none");
+    throw_error<ValueError>("anomaly detected: ", node->name(), " produced a non-finite value (NaN or Inf) in its ",
+                            "forward output of shape ", output.shape(), "; inputs' shapes: ", shapes.str(),
+                            "; op #", node->sequence_nr(), " of this process");
+  }
+}
+
+}  // namespace detail
+}  // namespace chaingrad

@@ -1,0 +1,149 @@
+// Input normalization and the DataLoader. Batches are built by copying whole rows (one memcpy
+// per example) out of the contiguous dataset tensors, so the cost per batch is bandwidth only.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <utility>
+#include <vector>
+
+#include "chaingrad/data.hpp"
+#include "chaingrad/error.hpp"
+
+namespace chaingrad::data {
+namespace {
+
+// splitmix64's finalizer: a bijection that spreads every input bit over the output.
+std::uint64_t mix64(std::uint64_t z) {
+  z += 0x9e3779b97f4a7c15ULL;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+// Uniform in [0, n) without modulo bias: reject the few draws below 2^64 mod n.
+std::uint64_t bounded(Generator& g, std::uint64_t n) {
+  const std::uint64_t threshold = (0 - n) % n;
+  while (true) {
+    const std::uint64_t x = g.next_u64();
+    if (x >= threshold) return x % n;
+  }
+}
+
+std::size_t row_bytes(const Tensor& t) {
+  const std::int64_t n = t.size(0);
+  return n == 0 ? 0 : static_cast<std::size_t>(t.numel() / n) * element_size(t.dtype());
+}
+
+}  // namespace
+
+// ---- normalization ----
+
+Normalization compute_normalization(const Tensor& inputs) {
+  CG_CHECK(inputs.defined() && inputs.numel() > 0, ValueError,
+           "compute_normalization: expected a non-empty tensor; got ",
+           inputs.defined() ? to_string(inputs.shape()) : std::string("an undefined tensor"));
+  const Tensor x = inputs.detach().contiguous();
+  const auto n = static_cast<std::size_t>(x.numel());
+  // Two passes in double: the one-pass sum-of-squares formula cancels catastrophically when the
+  // mean is large relative to the spread.
+  return dispatch_float(x.dtype(), "compute_normalization", [&]<class T>() {
+    const T* p = x.data<T>();
+    double sum = 0.0;
+    for (std::size_t i = 0; i < n; ++i) sum += p[i];
+    const double mean = sum / static_cast<double>(n);
+    double sq = 0.0;
+    for (std::size_t i = 0; i < n; ++i) {
+      const double d = p[i] - mean;
+      sq += d * d;
+    }
+    const double sd = std::sqrt(sq / static_cast<double>(n));
+    return Normalization{mean, sd > 0.0 ? sd : 1.0};
+  });
+}
+
+void normalize_(Tensor& inputs, Normalization norm) {
+  CG_CHECK(inputs.defined(), ValueError, "normalize_: expected a defined tensor");
+  CG_CHECK(inputs.is_contiguous(), ValueError, "normalize_: expected a contiguous tensor; got shape ",
+           inputs.shape(), " with strides ", inputs.strides());
+  CG_CHECK(!inputs.requires_grad(), AutogradError,
+           "normalize_: refusing to modify a tensor that requires grad in place");
+  CG_CHECK(std::isfinite(norm.mean) && std::isfinite(norm.std) && norm.std > 0.0, ValueError,
+           "normalize_: std must be positive and both values finite; got mean ", norm.mean, ", std ", norm.std);
+  const auto n = static_cast<std::size_t>(inputs.numel());
+  dispatch_float(inputs.dtype(), "normalize_", [&]<class T>() {
+    T* p = inputs.data<T>();
+    const T mean = static_cast<T>(norm.mean);
+    const T inv = static_cast<T>(1.0 / norm.std);
+    for (std::size_t i = 0; i < n; ++i) p[i] = (p[i] - mean) * inv;
+  });
+  inputs.bump_version();
+}
+
+// ---- DataLoader ----
+
+DataLoader::DataLoader(const Dataset& dataset, Options options) : options_(options) {
+  CG_CHECK(dataset.inputs.defined() && dataset.labels.defined(), ValueError,
+           "DataLoader: the dataset must have both inputs and labels");
+  CG_CHECK(dataset.inputs.dim() >= 1 && dataset.labels.dim() >= 1 &&
+               dataset.inputs.size(0) == dataset.labels.size(0),
+           ShapeError, "DataLoader: inputs and labels must have the same first dimension; got ",
+           dataset.inputs.shape(), " and ", dataset.labels.shape());
+  CG_CHECK(options.batch_size > 0, ValueError, "DataLoader: batch_size must be positive; got ",
+           options.batch_size);
+  // Row copies need contiguous rows; a view is materialized once here rather than per batch.
+  inputs_ = dataset.inputs.detach().contiguous();
+  labels_ = dataset.labels.detach().contiguous();
+  n_ = inputs_.size(0);
+  set_epoch(0);
+}
+
+void DataLoader::set_epoch(std::int64_t e) {
+  CG_CHECK(e >= 0, ValueError, "DataLoader::set_epoch: epoch must be non-negative; got ", e);
+  epoch_ = e;
+  order_.resize(static_cast<std::size_t>(n_));
+  std::iota(order_.begin(), order_.end(), std::int64_t{0});
+  if (!options_.shuffle) return;
+  // The generator state depends on nothing but (seed, epoch): a resumed run that calls
+  // set_epoch(e) sees the same order as the run that was interrupted.
+  Generator gen(mix64(mix64(options_.seed) ^ static_cast<std::uint64_t>(e)));
+  for (std::int64_t i = n_ - 1; i > 0; --i) {  // Fisher–Yates
+    const auto j = static_cast<std::int64_t>(bounded(gen, static_cast<std::uint64_t>(i) + 1));
+    std::swap(order_[static_cast<std::size_t>(i)], order_[static_cast<std::size_t>(j)]);
+  }
+}
+
+std::int64_t DataLoader::num_batches() const {
+  const std::int64_t bs = options_.batch_size;
+  return options_.drop_last ? n_ / bs : (n_ + bs - 1) / bs;
+}
+
+Batch DataLoader::batch(std::int64_t i) const {
+  const std::int64_t nb = num_batches();
+  CG_CHECK(i >= 0 && i < nb, ValueError, "DataLoader::batch: index must be in [0, ", nb, "); got ", i);
+  const std::int64_t begin = i * options_.batch_size;
+  const std::int64_t b = std::min(options_.batch_size, n_ - begin);
+
+  Dims in_shape = inputs_.shape();
+  in_shape[0] = b;
+  Dims lab_shape = labels_.shape();
+  lab_shape[0] = b;
+  Batch out{empty(in_shape, inputs_.dtype()), empty(lab_shape, labels_.dtype())};
+
+  const std::size_t in_row = row_bytes(inputs_);
+  const std::size_t lab_row = row_bytes(labels_);
+  const auto* in_src = static_cast<const char*>(inputs_.raw_data());
+  const auto* lab_src = static_cast<const char*>(labels_.raw_data());
+  auto* in_dst = static_cast<char*>(out.inputs.raw_data());
+  auto* lab_dst = static_cast<char*>(out.labels.raw_data());
+  for (std::int64_t r = 0; r < b; ++r) {
+    const auto src_row = static_cast<std::size_t>(order_[static_cast<std::size_t>(begin + r)]);
+    const auto dst_row = static_cast<std::size_t>(r);
+    std::memcpy(in_dst + dst_row * in_row, in_src + src_row * in_row, in_row);
+    std::memcpy(lab_dst + dst_row * lab_row, lab_src + src_row * lab_row, lab_row);
+  }
+  return out;
+}
+
+}  // namespace chaingrad::data

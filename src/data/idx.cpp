@@ -1,0 +1,258 @@
+// IDX reader (the MNIST family). Layout: magic 00 00 <type> <ndim>, then ndim big-endian u32
+// dims, then the elements row-major. Files are read through zlib, which decompresses .gz and
+// passes plain files through unchanged.
+//
+// Note [untrusted IDX header]: the dims come from the file, so their product may be absurd.
+// For a plain file we compare it with the file size before allocating anything; for a gzip
+// stream the size is unknowable up front, so the buffer grows chunk by chunk as data actually
+// arrives and a short stream fails before a huge allocation happens.
+#include <zlib.h>
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "chaingrad/data.hpp"
+#include "chaingrad/error.hpp"
+
+namespace chaingrad::data {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr std::size_t kChunk = std::size_t{64} << 20;         // bytes read per gzread call
+constexpr std::uint64_t kMaxElements = std::uint64_t{1} << 40;  // far beyond any real IDX file
+
+struct IdxArray {
+  std::vector<std::int64_t> dims;
+  std::vector<std::uint8_t> bytes;
+};
+
+std::string hex_bytes(const unsigned char* b, std::size_t n) {
+  static const char* digits = "0123456789abcdef";
+  std::string s;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (i) s += ' ';
+    s += digits[b[i] >> 4];
+    s += digits[b[i] & 15];
+  }
+  return s;
+}
+
+const char* idx_type_name(unsigned t) {
+  switch (t) {
+    case 0x08: return "unsigned byte";
+    case 0x09: return "signed byte";
+    case 0x0B: return "int16";
+    case 0x0C: return "int32";
+    case 0x0D: return "float32";
+    case 0x0E: return "float64";
+    default: return "unknown";
+  }
+}
+
+struct GzCloser {
+  void operator()(gzFile_s* f) const { gzclose(f); }
+};
+
+class IdxFile {
+ public:
+  IdxFile(const std::string& path, const char* op) : path_(path), op_(op) {
+    std::error_code ec;
+    CG_CHECK(fs::exists(path, ec), IoError, op, ": cannot open '", path, "': no such file");
+    CG_CHECK(!fs::is_directory(path, ec), IoError, op, ": '", path, "' is a directory; expected an IDX file");
+    file_size_ = fs::file_size(path, ec);
+    CG_CHECK(!ec, IoError, op, ": cannot read the size of '", path, "': ", ec.message());
+    errno = 0;
+    f_.reset(gzopen(path.c_str(), "rb"));
+    CG_CHECK(f_ != nullptr, IoError, op, ": cannot open '", path, "': ", std::strerror(errno ? errno : ENOMEM));
+    gzbuffer(f_.get(), 1 << 17);
+  }
+
+  // Reads up to n bytes; returns how many arrived (short only at end of stream).
+  std::size_t read(void* dst, std::size_t n) {
+    auto* out = static_cast<unsigned char*>(dst);
+    std::size_t got = 0;
+    while (got < n) {
+      const auto want = static_cast<unsigned>(std::min(n - got, kChunk));
+      const int r = gzread(f_.get(), out + got, want);
+      if (r < 0) {
+        int errnum = 0;
+        const char* msg = gzerror(f_.get(), &errnum);
+        detail::throw_error<IoError>(op_, ": '", path_, "' is corrupt or truncated after ", consumed_ + got,
+                                     " decompressed bytes: ", msg);
+      }
+      if (r == 0) break;
+      got += static_cast<std::size_t>(r);
+    }
+    consumed_ += got;
+    return got;
+  }
+
+  bool compressed() const { return gzdirect(f_.get()) == 0; }
+  std::uint64_t file_size() const { return file_size_; }
+  std::uint64_t consumed() const { return consumed_; }
+  const std::string& path() const { return path_; }
+  const char* op() const { return op_; }
+
+ private:
+  std::string path_;
+  const char* op_;
+  std::unique_ptr<gzFile_s, GzCloser> f_;
+  std::uint64_t file_size_ = 0;
+  std::uint64_t consumed_ = 0;
+};
+
+std::string where(const IdxFile& f) { return f.compressed() ? " (after decompression)" : ""; }
+
+IdxArray read_idx(const std::string& path, const char* op) {
+  IdxFile f(path, op);
+  unsigned char magic[4];
+  const std::size_t got_magic = f.read(magic, 4);
+  CG_CHECK(got_magic == 4, IoError, op, ": '", path, "' is truncated: an IDX header needs at least 4 bytes; found ",
+           got_magic);
+  CG_CHECK(magic[0] == 0 && magic[1] == 0 && magic[2] == 0x08 && magic[3] >= 1, IoError, op, ": '", path,
+           "' is not an unsigned-byte IDX file: magic number bytes are ", hex_bytes(magic, 4),
+           "; expected 00 00 08 <ndim >= 1>",
+           (magic[0] == 0 && magic[1] == 0 && magic[2] != 0x08
+                ? std::string(" (element type 0x") + hex_bytes(magic + 2, 1) + " = " + idx_type_name(magic[2]) +
+                      " is not supported; only 0x08 = unsigned byte is)"
+                : std::string()));
+  const int ndim = magic[3];
+  CG_CHECK(ndim <= kMaxDims - 1, IoError, op, ": '", path, "' has ", ndim, " dimensions; at most ", kMaxDims - 1,
+           " are supported");
+
+  std::array<unsigned char, 4 * kMaxDims> raw{};
+  const std::size_t header_dims = 4 * static_cast<std::size_t>(ndim);
+  const std::size_t got_dims = f.read(raw.data(), header_dims);
+  CG_CHECK(got_dims == header_dims, IoError, op, ": '", path, "' is truncated: the header declares ", ndim,
+           " dimensions (", 4 + header_dims, " header bytes) but only ", 4 + got_dims, " bytes are present",
+           where(f));
+
+  IdxArray a;
+  std::uint64_t numel = 1;
+  bool absurd = false;
+  for (int i = 0; i < ndim; ++i) {
+    const unsigned char* p = raw.data() + 4 * i;
+    const std::uint64_t d = (std::uint64_t{p[0]} << 24) | (std::uint64_t{p[1]} << 16) |
+                            (std::uint64_t{p[2]} << 8) | std::uint64_t{p[3]};
+    a.dims.push_back(static_cast<std::int64_t>(d));
+    if (d != 0 && numel > kMaxElements / d) absurd = true;
+    numel *= d;
+  }
+  std::ostringstream dims_text;
+  dims_text << Dims(a.dims);
+  CG_CHECK(!absurd && numel <= kMaxElements, IoError, op, ": '", path, "' header declares dims ",
+           dims_text.str(), ", more than ", kMaxElements, " elements; the header is corrupt");
+
+  const std::uint64_t expected = 4 + header_dims + numel;
+  // See Note [untrusted IDX header].
+  if (!f.compressed()) {
+    CG_CHECK(f.file_size() >= expected, IoError, op, ": '", path, "' is truncated: dims ", dims_text.str(),
+             " need ", expected, " bytes (", 4 + header_dims, " header + ", numel, " data); the file has ",
+             f.file_size());
+    CG_CHECK(f.file_size() == expected, IoError, op, ": '", path, "' has ", f.file_size() - expected,
+             " trailing bytes: dims ", dims_text.str(), " need exactly ", expected, " bytes; the file has ",
+             f.file_size());
+  }
+  std::uint64_t have = 0;
+  while (have < numel) {
+    const std::size_t chunk = static_cast<std::size_t>(std::min<std::uint64_t>(numel - have, kChunk));
+    a.bytes.resize(static_cast<std::size_t>(have) + chunk);
+    const std::size_t r = f.read(a.bytes.data() + have, chunk);
+    have += r;
+    CG_CHECK(r == chunk, IoError, op, ": '", path, "' is truncated: dims ", dims_text.str(), " need ", expected,
+             " bytes (", 4 + header_dims, " header + ", numel, " data) but only ", 4 + header_dims + have,
+             " are present", where(f));
+  }
+  if (f.compressed()) {
+    unsigned char extra;
+    CG_CHECK(f.read(&extra, 1) == 0, IoError, op, ": '", path, "' has trailing data after the ", expected,
+             " bytes that dims ", dims_text.str(), " need", where(f));
+  }
+  return a;
+}
+
+std::string join_path(const std::string& dir, const std::string& name) {
+  return (fs::path(dir) / name).string();
+}
+
+// Prefers the plain file, then the .gz one; returns "" when neither exists.
+std::string find_idx_file(const std::string& dir, const std::string& stem) {
+  std::error_code ec;
+  for (const std::string& name : {stem, stem + ".gz"}) {
+    const std::string p = join_path(dir, name);
+    if (fs::is_regular_file(p, ec)) return p;
+  }
+  return "";
+}
+
+bool is_default_dir(const std::string& dir) {
+  fs::path p = fs::path(dir).lexically_normal();
+  if (!p.has_filename()) p = p.parent_path();  // "dir/" -> "dir"
+  return p == fs::path(kFashionMnistDir);
+}
+
+}  // namespace
+
+Tensor read_idx_images(const std::string& path) {
+  IdxArray a = read_idx(path, "read_idx_images");
+  Dims shape(a.dims);
+  if (shape.size() == 3) shape.insert(1, 1);  // [N, H, W] -> [N, 1, H, W]
+  Tensor out = empty(shape, DType::Float32);
+  // A table of correctly rounded b/255 gives the same floats as numpy's (x / 255).astype(f32).
+  std::array<float, 256> scale{};
+  for (int b = 0; b < 256; ++b) scale[b] = static_cast<float>(b / 255.0);
+  float* dst = out.data<float>();
+  const std::uint8_t* src = a.bytes.data();
+  const std::size_t n = a.bytes.size();
+  for (std::size_t i = 0; i < n; ++i) dst[i] = scale[src[i]];
+  return out;
+}
+
+Tensor read_idx_labels(const std::string& path) {
+  IdxArray a = read_idx(path, "read_idx_labels");
+  CG_CHECK(a.dims.size() == 1, IoError, "read_idx_labels: '", path, "' must hold a 1-D label array; got dims ",
+           Dims(a.dims));
+  Tensor out = empty(Dims(a.dims), DType::Int64);
+  std::int64_t* dst = out.data<std::int64_t>();
+  for (std::size_t i = 0; i < a.bytes.size(); ++i) dst[i] = a.bytes[i];
+  return out;
+}
+
+Dataset load_idx(const std::string& dir, bool train) {
+  const std::string prefix = train ? "train" : "t10k";
+  const std::string images_stem = prefix + "-images-idx3-ubyte";
+  const std::string labels_stem = prefix + "-labels-idx1-ubyte";
+  const std::string hint = is_default_dir(dir)
+                               ? "; install Debian's dataset-fashion-mnist package (apt-get install "
+                                 "dataset-fashion-mnist) or pass --data DIR"
+                               : "";
+  const std::string images_path = find_idx_file(dir, images_stem);
+  CG_CHECK(!images_path.empty(), IoError, "load_idx: cannot find ", join_path(dir, images_stem), " or ",
+           join_path(dir, images_stem + ".gz"), hint);
+  const std::string labels_path = find_idx_file(dir, labels_stem);
+  CG_CHECK(!labels_path.empty(), IoError, "load_idx: cannot find ", join_path(dir, labels_stem), " or ",
+           join_path(dir, labels_stem + ".gz"), hint);
+
+  Dataset ds;
+  ds.inputs = read_idx_images(images_path);
+  ds.labels = read_idx_labels(labels_path);
+  CG_CHECK(ds.inputs.dim() >= 1 && ds.inputs.size(0) == ds.labels.size(0), IoError,
+           "load_idx: image and label counts must match; got ", ds.inputs.dim() >= 1 ? ds.inputs.size(0) : 0,
+           " images in '", images_path, "' and ", ds.labels.size(0), " labels in '", labels_path, "'");
+  const std::int64_t* lab = ds.labels.data<std::int64_t>();
+  std::int64_t max_label = -1;
+  for (std::int64_t i = 0; i < ds.labels.numel(); ++i) max_label = std::max(max_label, lab[i]);
+  ds.num_classes = max_label + 1;
+  return ds;
+}
+
+}  // namespace chaingrad::data

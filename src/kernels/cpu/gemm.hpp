@@ -1,0 +1,11 @@
+#pragma once
+// Matrix products through the BLAS (row-major). Threading is the BLAS's own.
+#include <cstdint>
+
+namespace chaingrad::kernels {
+
+template <class T>
+void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* a,
+          std::int64_t lda, const T* b, std::int64_t ldb, T beta, T* c, std::int64_t ldc);
+
+}  // namespace chaingrad::kernels

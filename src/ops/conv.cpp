@@ -1,0 +1,126 @@
+// Convolution as im2col + one GEMM, pooling as a reduction over im2col patches. im2col and col2im
+// are each other's adjoints, so every op here is differentiable to any order.
+#include "ops/common.hpp"
+
+namespace chaingrad {
+
+using detail::record;
+
+namespace {
+struct ConvGeometry {
+  std::int64_t N, C, H, W, kh, kw, stride, pad, dil, Ho, Wo;
+};
+
+ConvGeometry geometry(const Dims& s, std::int64_t kh, std::int64_t kw, std::int64_t stride, std::int64_t pad,
+                      std::int64_t dil, const char* op) {
+  CG_CHECK(s.size() == 4, ShapeError, op, ": expected input of shape [N, C, H, W]; got ", s);
+  CG_CHECK(kh > 0 && kw > 0 && stride > 0 && pad >= 0 && dil > 0, ValueError, op,
+           ": kernel, stride and dilation must be positive and padding non-negative; got kernel ", kh, "x", kw,
+           ", stride ", stride, ", padding ", pad, ", dilation ", dil);
+  ConvGeometry g{s[0], s[1], s[2], s[3], kh, kw, stride, pad, dil, 0, 0};
+  g.Ho = (g.H + 2 * pad - dil * (kh - 1) - 1) / stride + 1;
+  g.Wo = (g.W + 2 * pad - dil * (kw - 1) - 1) / stride + 1;
+  CG_CHECK(g.Ho > 0 && g.Wo > 0, ShapeError, op, ": input of shape ", s, " is too small for a ", kh, "x", kw,
+           " kernel (stride ", stride, ", padding ", pad, ", dilation ", dil, ")");
+  return g;
+}
+
+// kAdd = false: cols <- patches(x). kAdd = true: x += adjoint(cols).
+template <class T, bool kAdjoint>
+void im2col_kernel(const ConvGeometry& g, T* img, T* cols) {
+  const std::int64_t L = g.N * g.Ho * g.Wo;
+  for (std::int64_t c = 0; c < g.C; ++c)
+    for (std::int64_t i = 0; i < g.kh; ++i)
+      for (std::int64_t j = 0; j < g.kw; ++j) {
+        T* row = cols + ((c * g.kh + i) * g.kw + j) * L;
+        for (std::int64_t n = 0; n < g.N; ++n) {
+          T* plane = img + (n * g.C + c) * g.H * g.W;
+          for (std::int64_t oh = 0; oh < g.Ho; ++oh) {
+            const std::int64_t ih = oh * g.stride - g.pad + i * g.dil;
+            T* r = row + (n * g.Ho + oh) * g.Wo;
+            if (ih < 0 || ih >= g.H) {
+              if constexpr (!kAdjoint) std::fill(r, r + g.Wo, T(0));
+              continue;
+            }
+            const T* src = plane + ih * g.W;
+            for (std::int64_t ow = 0; ow < g.Wo; ++ow) {
+              const std::int64_t iw = ow * g.stride - g.pad + j * g.dil;
+              const bool inside = iw >= 0 && iw < g.W;
+              if constexpr (kAdjoint) {
+                if (inside) const_cast<T*>(src)[iw] += r[ow];
+              } else {
+                r[ow] = inside ? src[iw] : T(0);
+              }
+            }
+          }
+        }
+      }
+}
+}  // namespace
+
+Tensor im2col(const Tensor& x_in, std::int64_t kh, std::int64_t kw, std::int64_t stride, std::int64_t padding,
+              std::int64_t dilation) {
+  const ConvGeometry g = geometry(x_in.shape(), kh, kw, stride, padding, dilation, "im2col");
+  const Tensor x = x_in.is_contiguous() ? x_in : x_in.detach().contiguous();
+  Tensor out = empty({g.C * kh * kw, g.N * g.Ho * g.Wo}, x.dtype());
+  dispatch_float(x.dtype(), "im2col", [&]<class T>() {
+    im2col_kernel<T, false>(g, const_cast<T*>(x.data<T>()), out.data<T>());
+  });
+  if (detail::any_requires_grad({x_in}))
+    record("im2col", {x_in}, out, [shape = x_in.shape(), kh, kw, stride, padding, dilation](const Tensor& gr, const Node&) {
+      return GradList{col2im(gr, shape, kh, kw, stride, padding, dilation)};
+    });
+  return out;
+}
+
+Tensor col2im(const Tensor& cols_in, const Dims& input_shape, std::int64_t kh, std::int64_t kw, std::int64_t stride,
+              std::int64_t padding, std::int64_t dilation) {
+  const ConvGeometry g = geometry(input_shape, kh, kw, stride, padding, dilation, "col2im");
+  CG_CHECK(cols_in.dim() == 2 && cols_in.shape()[0] == g.C * kh * kw && cols_in.shape()[1] == g.N * g.Ho * g.Wo,
+           ShapeError, "col2im: columns of shape ", cols_in.shape(), " do not match image ", input_shape, " (expected [",
+           g.C * kh * kw, ", ", g.N * g.Ho * g.Wo, "])");
+  const Tensor cols = cols_in.is_contiguous() ? cols_in : cols_in.detach().contiguous();
+  Tensor out = zeros(input_shape, {.dtype = cols.dtype()});
+  dispatch_float(cols.dtype(), "col2im", [&]<class T>() {
+    im2col_kernel<T, true>(g, out.data<T>(), const_cast<T*>(cols.data<T>()));
+  });
+  if (detail::any_requires_grad({cols_in}))
+    record("col2im", {cols_in}, out, [kh, kw, stride, padding, dilation](const Tensor& gr, const Node&) {
+      return GradList{im2col(gr, kh, kw, stride, padding, dilation)};
+    });
+  return out;
+}
+
+Tensor conv2d(const Tensor& x, const Tensor& weight, const Tensor& bias, std::int64_t stride, std::int64_t padding,
+              std::int64_t dilation) {
+  CG_CHECK(weight.dim() == 4, ShapeError, "conv2d: weight must be [out, in, kh, kw]; got shape ", weight.shape());
+  CG_CHECK(x.dim() == 4 && x.shape()[1] == weight.shape()[1], ShapeError, "conv2d: input of shape ", x.shape(),
+           " does not match weight of shape ", weight.shape(), " (expected [N, ", weight.shape()[1], ", H, W])");
+  const std::int64_t O = weight.shape()[0], kh = weight.shape()[2], kw = weight.shape()[3];
+  const ConvGeometry g = geometry(x.shape(), kh, kw, stride, padding, dilation, "conv2d");
+  const Tensor cols = im2col(x, kh, kw, stride, padding, dilation);
+  const Tensor y = mm(reshape(weight, {O, -1}), cols);                       // [O, N*Ho*Wo]
+  Tensor out = permute(reshape(y, {O, g.N, g.Ho, g.Wo}), {1, 0, 2, 3});     // [N, O, Ho, Wo]
+  if (bias.defined()) {
+    CG_CHECK(bias.dim() == 1 && bias.shape()[0] == O, ShapeError, "conv2d: bias of shape ", bias.shape(),
+             " does not match ", O, " output channels");
+    return out + reshape(bias, {1, O, 1, 1});
+  }
+  return contiguous(out);
+}
+
+namespace {
+Tensor pool(const Tensor& x, std::int64_t kernel, std::int64_t stride, bool is_max) {
+  const char* op = is_max ? "max_pool2d" : "avg_pool2d";
+  if (stride == 0) stride = kernel;
+  const ConvGeometry g = geometry(x.shape(), kernel, kernel, stride, 0, 1, op);
+  const Tensor patches = im2col(reshape(x, {g.N * g.C, 1, g.H, g.W}), kernel, kernel, stride, 0, 1);
+  const Tensor r = is_max ? amax(patches, {0}) : mean(patches, {0});
+  return reshape(r, {g.N, g.C, g.Ho, g.Wo});
+}
+}  // namespace
+
+Tensor max_pool2d(const Tensor& x, std::int64_t kernel, std::int64_t stride) { return pool(x, kernel, stride, true); }
+Tensor avg_pool2d(const Tensor& x, std::int64_t kernel, std::int64_t stride) { return pool(x, kernel, stride, false); }
+
+}  // namespace chaingrad

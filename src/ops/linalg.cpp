@@ -1,0 +1,172 @@
+// Matrix products. mm and bmm are the primitives (one BLAS call per matrix); matmul and the
+// batched/1-D cases are compositions of views around them.
+#include "kernels/cpu/gemm.hpp"
+#include "ops/common.hpp"
+
+namespace chaingrad {
+
+using detail::record;
+
+namespace {
+
+// A 2-D operand as the BLAS sees it: row-major as is, or row-major of its transpose.
+struct GemmOperand {
+  Tensor keep;  // owns the data (a contiguous copy when the strides fit neither layout)
+  bool trans = false;
+  std::int64_t ld = 1;
+};
+
+GemmOperand gemm_operand(const Tensor& t) {
+  const std::int64_t rows = t.shape()[0], cols = t.shape()[1];
+  const std::int64_t s0 = t.strides()[0], s1 = t.strides()[1];
+  if ((s1 == 1 || cols == 1) && s0 >= std::max<std::int64_t>(cols, 1)) return {t, false, s0};
+  if ((s0 == 1 || rows == 1) && s1 >= std::max<std::int64_t>(rows, 1)) return {t, true, s1};
+  Tensor c = t.detach().contiguous();
+  return {c, false, std::max<std::int64_t>(cols, 1)};
+}
+
+template <class T>
+void mm_into(const Tensor& a, const Tensor& b, T* out, T beta) {
+  const std::int64_t m = a.shape()[0], k = a.shape()[1], n = b.shape()[1];
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    if (beta == T(0)) std::fill(out, out + m * n, T(0));
+    return;
+  }
+  GemmOperand A = gemm_operand(a), B = gemm_operand(b);
+  kernels::gemm<T>(A.trans, B.trans, m, n, k, T(1), static_cast<const T*>(A.keep.raw_data()), A.ld,
+                   static_cast<const T*>(B.keep.raw_data()), B.ld, beta, out, std::max<std::int64_t>(n, 1));
+}
+
+DType matmul_dtype(const Tensor& a, const Tensor& b, const char* op) {
+  CG_CHECK(a.defined() && b.defined(), ValueError, op, ": an input is undefined");
+  CG_CHECK(a.dtype() == b.dtype() && is_floating(a.dtype()), TypeError, op,
+           ": expected two float tensors of the same dtype; got ", a.dtype(), " and ", b.dtype());
+  return a.dtype();
+}
+
+}  // namespace
+
+// d(AB)/dA = G B^T, d(AB)/dB = A^T G
+Tensor mm(const Tensor& a, const Tensor& b) {
+  const DType dt = matmul_dtype(a, b, "mm");
+  CG_CHECK(a.dim() == 2 && b.dim() == 2, ShapeError, "mm: expected two 2-D tensors; got shapes ", a.shape(), " and ",
+           b.shape());
+  CG_CHECK(a.shape()[1] == b.shape()[0], ShapeError, "mm: shapes ", a.shape(), " and ", b.shape(),
+           " cannot be multiplied (", a.shape()[1], " columns vs ", b.shape()[0], " rows)");
+  Tensor out = empty({a.shape()[0], b.shape()[1]}, dt);
+  dispatch_float(dt, "mm", [&]<class T>() { mm_into<T>(a, b, out.data<T>(), T(0)); });
+  if (detail::any_requires_grad({a, b}))
+    record("mm", {a, b}, out, [sa = SavedTensor(a, false), sb = SavedTensor(b, false)](const Tensor& g, const Node& self) {
+      return GradList{self.needs_grad(0) ? mm(g, sb.unpack(self).t()) : Tensor(),
+                      self.needs_grad(1) ? mm(sa.unpack(self).t(), g) : Tensor()};
+    });
+  return out;
+}
+
+Tensor bmm(const Tensor& a, const Tensor& b) {
+  const DType dt = matmul_dtype(a, b, "bmm");
+  CG_CHECK(a.dim() == 3 && b.dim() == 3, ShapeError, "bmm: expected two 3-D tensors; got shapes ", a.shape(), " and ",
+           b.shape());
+  CG_CHECK(a.shape()[0] == b.shape()[0] && a.shape()[2] == b.shape()[1], ShapeError, "bmm: shapes ", a.shape(), " and ",
+           b.shape(), " cannot be multiplied (batch ", a.shape()[0], " vs ", b.shape()[0], ", inner ", a.shape()[2],
+           " vs ", b.shape()[1], ")");
+  const std::int64_t B = a.shape()[0], m = a.shape()[1], n = b.shape()[2];
+  Tensor out = empty({B, m, n}, dt);
+  dispatch_float(dt, "bmm", [&]<class T>() {
+    for (std::int64_t i = 0; i < B; ++i)
+      mm_into<T>(a.detach().select(0, i), b.detach().select(0, i), out.data<T>() + i * m * n, T(0));
+  });
+  if (detail::any_requires_grad({a, b}))
+    record("bmm", {a, b}, out, [sa = SavedTensor(a, false), sb = SavedTensor(b, false)](const Tensor& g, const Node& self) {
+      return GradList{self.needs_grad(0) ? bmm(g, sb.unpack(self).transpose(1, 2)) : Tensor(),
+                      self.needs_grad(1) ? bmm(sa.unpack(self).transpose(1, 2), g) : Tensor()};
+    });
+  return out;
+}
+
+Tensor matmul(const Tensor& a, const Tensor& b) {
+  matmul_dtype(a, b, "matmul");
+  CG_CHECK(a.dim() >= 1 && b.dim() >= 1, ShapeError, "matmul: both arguments need at least 1 dimension; got shapes ",
+           a.shape(), " and ", b.shape());
+  const std::int64_t ka = a.shape()[a.dim() - 1];
+  const std::int64_t kb = b.dim() == 1 ? b.shape()[0] : b.shape()[b.dim() - 2];
+  CG_CHECK(ka == kb, ShapeError, "matmul: shapes ", a.shape(), " and ", b.shape(), " cannot be multiplied (", ka,
+           " vs ", kb, ")");
+  if (a.dim() == 1 && b.dim() == 1) return sum(mul(a, b));
+  if (a.dim() == 2 && b.dim() == 2) return mm(a, b);
+  if (a.dim() == 1) return squeeze(matmul(unsqueeze(a, 0), b), -2);
+  if (b.dim() == 1) return squeeze(matmul(a, unsqueeze(b, 1)), -1);
+  if (b.dim() == 2) {  // [..., n, k] x [k, m]: fold the batch into rows, one GEMM
+    Dims out_shape = a.shape();
+    out_shape[out_shape.size() - 1] = b.shape()[1];
+    return reshape(mm(reshape(a, {-1, ka}), b), out_shape);
+  }
+  // Broadcast the batch dims, then one bmm.
+  Dims ba(std::span<const std::int64_t>(a.shape().begin(), a.shape().end() - 2));
+  Dims bb(std::span<const std::int64_t>(b.shape().begin(), b.shape().end() - 2));
+  const Dims batch = broadcast_shapes(ba, bb, "matmul");
+  const std::int64_t n = a.dim() >= 2 ? a.shape()[a.dim() - 2] : 1, m = b.shape()[b.dim() - 1];
+  Dims ea = batch, eb = batch;
+  ea.push_back(n);
+  ea.push_back(ka);
+  eb.push_back(kb);
+  eb.push_back(m);
+  const std::int64_t B = batch.numel();
+  Tensor r = bmm(reshape(expand(a, ea), {B, n, ka}), reshape(expand(b, eb), {B, kb, m}));
+  Dims out_shape = batch;
+  out_shape.push_back(n);
+  out_shape.push_back(m);
+  return reshape(r, out_shape);
+}
+
+// y = x W^T + b, the bias fused into the GEMM's C operand (beta = 1).
+// dy/dx = G W, dy/dW = G^T x, dy/db = sum of G over rows.
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+  const DType dt = matmul_dtype(x, weight, "linear");
+  CG_CHECK(weight.dim() == 2, ShapeError, "linear: weight must be 2-D [out, in]; got shape ", weight.shape());
+  CG_CHECK(x.dim() >= 1 && x.shape()[x.dim() - 1] == weight.shape()[1], ShapeError, "linear: input of shape ",
+           x.shape(), " does not match weight of shape ", weight.shape(), " (expected the last dimension to be ",
+           weight.shape()[1], ")");
+  const std::int64_t out_f = weight.shape()[0], in_f = weight.shape()[1];
+  if (bias.defined()) {
+    CG_CHECK(bias.dim() == 1 && bias.shape()[0] == out_f, ShapeError, "linear: bias of shape ", bias.shape(),
+             " does not match weight of shape ", weight.shape(), " (expected [", out_f, "])");
+    CG_CHECK(bias.dtype() == dt, TypeError, "linear: bias dtype ", bias.dtype(), " differs from weight dtype ", dt);
+  }
+  const Tensor x2 = x.dim() == 2 ? x : x.detach().reshape({-1, in_f});
+  const std::int64_t rows = x2.shape()[0];
+  Dims out_shape = x.shape();
+  out_shape[out_shape.size() - 1] = out_f;
+  Tensor out = empty(out_shape, dt);
+  dispatch_float(dt, "linear", [&]<class T>() {
+    T* o = out.data<T>();
+    T beta = T(0);
+    if (bias.defined()) {
+      const Tensor bc = bias.is_contiguous() ? bias : bias.detach().contiguous();
+      const T* pb = bc.data<T>();
+      for (std::int64_t r = 0; r < rows; ++r) std::copy(pb, pb + out_f, o + r * out_f);
+      beta = T(1);
+    }
+    mm_into<T>(x2, weight.detach().t(), o, beta);
+  });
+  if (detail::any_requires_grad({x, weight, bias}))
+    record("linear", {x, weight, bias}, out,
+           [sx = SavedTensor(x, false), sw = SavedTensor(weight, false), in_f, out_f](const Tensor& g, const Node& self) {
+             const Tensor g2 = g.dim() == 2 ? g : reshape(g, {-1, out_f});
+             GradList grads(3);
+             if (self.needs_grad(0)) {
+               const Tensor gx = mm(g2, sw.unpack(self));
+               grads[0] = g.dim() == 2 ? gx : reshape(gx, self.input_meta()[0].shape);
+             }
+             if (self.needs_grad(1)) {
+               const Tensor xv = sx.unpack(self);
+               grads[1] = mm(g2.t(), xv.dim() == 2 ? xv : reshape(xv, {-1, in_f}));
+             }
+             if (self.needs_grad(2)) grads[2] = sum(g2, {0});
+             return grads;
+           });
+  return out;
+}
+
+}  // namespace chaingrad

@@ -1,0 +1,248 @@
+// Elementwise functions. Each comment gives the definition's derivative; backward rules are
+// written with ops so they can be differentiated again (create_graph).
+#include <cmath>
+
+#include "ops/common.hpp"
+
+namespace chaingrad {
+
+using detail::record;
+using detail::scalar_like;
+using detail::unary_map;
+
+namespace {
+// A derivative factor that is piecewise constant in x (relu's step, clamp's window): computed
+// without a graph, since its own derivative is zero almost everywhere.
+template <class F>
+Tensor constant_factor(const Tensor& x, F f) {
+  return unary_map(x, "factor", f);
+}
+template <class T>
+T stable_sigmoid(T v) {
+  if (v >= T(0)) return T(1) / (T(1) + std::exp(-v));
+  const T e = std::exp(v);
+  return e / (T(1) + e);
+}
+}  // namespace
+
+// d/dx e^x = e^x
+Tensor exp(const Tensor& x) {
+  Tensor out = unary_map(x, "exp", [](auto v) { return std::exp(v); });
+  if (detail::any_requires_grad({x}))
+    record("exp", {x}, out, [so = SavedTensor(out, true)](const Tensor& g, const Node& self) {
+      return GradList{mul(g, so.unpack(self))};
+    });
+  return out;
+}
+
+// d/dx log x = 1/x
+Tensor log(const Tensor& x) {
+  Tensor out = unary_map(x, "log", [](auto v) { return std::log(v); });
+  if (detail::any_requires_grad({x}))
+    record("log", {x}, out, [sx = SavedTensor(x, false)](const Tensor& g, const Node& self) {
+      return GradList{div(g, sx.unpack(self))};
+    });
+  return out;
+}
+
+// d/dx log(1+x) = 1/(1+x)
+Tensor log1p(const Tensor& x) {
+  Tensor out = unary_map(x, "log1p", [](auto v) { return std::log1p(v); });
+  if (detail::any_requires_grad({x}))
+    record("log1p", {x}, out, [sx = SavedTensor(x, false)](const Tensor& g, const Node& self) {
+      return GradList{div(g, sx.unpack(self) + 1.0)};
+    });
+  return out;
+}
+
+// d/dx sqrt x = 1/(2 sqrt x)
+Tensor sqrt(const Tensor& x) {
+  Tensor out = unary_map(x, "sqrt", [](auto v) { return std::sqrt(v); });
+  if (detail::any_requires_grad({x}))
+    record("sqrt", {x}, out, [so = SavedTensor(out, true)](const Tensor& g, const Node& self) {
+      return GradList{div(g, so.unpack(self) * 2.0)};
+    });
+  return out;
+}
+
+// d/dx x^(-1/2) = -1/2 x^(-3/2) = -1/2 rsqrt(x)^3
+Tensor rsqrt(const Tensor& x) {
+  Tensor out = unary_map(x, "rsqrt", [](auto v) { return decltype(v)(1) / std::sqrt(v); });
+  if (detail::any_requires_grad({x}))
+    record("rsqrt", {x}, out, [so = SavedTensor(out, true)](const Tensor& g, const Node& self) {
+      const Tensor y = so.unpack(self);
+      return GradList{mul(g, mul(square(y), y) * -0.5)};
+    });
+  return out;
+}
+
+// d/dx |x| = sign(x)
+Tensor abs(const Tensor& x) {
+  Tensor out = unary_map(x, "abs", [](auto v) { return std::abs(v); });
+  if (detail::any_requires_grad({x}))
+    record("abs", {x}, out, [sx = SavedTensor(x, false)](const Tensor& g, const Node& self) {
+      return GradList{mul(g, sign(sx.unpack(self)))};
+    });
+  return out;
+}
+
+// d/dx sin x = cos x
+Tensor sin(const Tensor& x) {
+  Tensor out = unary_map(x, "sin", [](auto v) { return std::sin(v); });
+  if (detail::any_requires_grad({x}))
+    record("sin", {x}, out, [sx = SavedTensor(x, false)](const Tensor& g, const Node& self) {
+      return GradList{mul(g, cos(sx.unpack(self)))};
+    });
+  return out;
+}
+
+// d/dx cos x = -sin x
+Tensor cos(const Tensor& x) {
+  Tensor out = unary_map(x, "cos", [](auto v) { return std::cos(v); });
+  if (detail::any_requires_grad({x}))
+    record("cos", {x}, out, [sx = SavedTensor(x, false)](const Tensor& g, const Node& self) {
+      return GradList{neg(mul(g, sin(sx.unpack(self))))};
+    });
+  return out;
+}
+
+// d/dx tanh x = 1 - tanh(x)^2
+Tensor tanh(const Tensor& x) {
+  Tensor out = unary_map(x, "tanh", [](auto v) { return std::tanh(v); });
+  if (detail::any_requires_grad({x}))
+    record("tanh", {x}, out, [so = SavedTensor(out, true)](const Tensor& g, const Node& self) {
+      return GradList{tanh_backward(g, so.unpack(self))};
+    });
+  return out;
+}
+
+// d/dx erf x = 2/sqrt(pi) e^(-x^2)
+Tensor erf(const Tensor& x) {
+  Tensor out = unary_map(x, "erf", [](auto v) { return std::erf(v); });
+  if (detail::any_requires_grad({x}))
+    record("erf", {x}, out, [sx = SavedTensor(x, false)](const Tensor& g, const Node& self) {
+      const Tensor xv = sx.unpack(self);
+      return GradList{mul(g, exp(neg(square(xv))) * (2.0 / std::sqrt(M_PI)))};
+    });
+  return out;
+}
+
+// sigma(x) = 1/(1+e^-x), evaluated without overflow on either side; d/dx sigma = sigma (1 - sigma)
+Tensor sigmoid(const Tensor& x) {
+  Tensor out = unary_map(x, "sigmoid", [](auto v) { return stable_sigmoid(v); });
+  if (detail::any_requires_grad({x}))
+    record("sigmoid", {x}, out, [so = SavedTensor(out, true)](const Tensor& g, const Node& self) {
+      return GradList{sigmoid_backward(g, so.unpack(self))};
+    });
+  return out;
+}
+
+// g y (1 - y). d/dg = y (1 - y); d/dy = g (1 - 2y)
+Tensor sigmoid_backward(const Tensor& grad_output, const Tensor& y) {
+  Tensor out = detail::binary_map(grad_output, y, "sigmoid_backward", [](auto g, auto s) { return g * s * (1 - s); });
+  if (detail::any_requires_grad({grad_output, y}))
+    record("sigmoid_backward", {grad_output, y}, out,
+           [sg = SavedTensor(grad_output, false), sy = SavedTensor(y, false)](const Tensor& gg, const Node& self) {
+             const Tensor yv = sy.unpack(self);
+             return GradList{self.needs_grad(0) ? sigmoid_backward(gg, yv) : Tensor(),
+                             self.needs_grad(1) ? mul(mul(gg, sg.unpack(self)), 1.0 - yv * 2.0) : Tensor()};
+           });
+  return out;
+}
+
+// g (1 - y^2). d/dg = 1 - y^2; d/dy = -2 g y
+Tensor tanh_backward(const Tensor& grad_output, const Tensor& y) {
+  Tensor out = detail::binary_map(grad_output, y, "tanh_backward", [](auto g, auto t) { return g * (1 - t * t); });
+  if (detail::any_requires_grad({grad_output, y}))
+    record("tanh_backward", {grad_output, y}, out,
+           [sg = SavedTensor(grad_output, false), sy = SavedTensor(y, false)](const Tensor& gg, const Node& self) {
+             const Tensor yv = sy.unpack(self);
+             return GradList{self.needs_grad(0) ? tanh_backward(gg, yv) : Tensor(),
+                             self.needs_grad(1) ? mul(mul(gg, sg.unpack(self)), yv * -2.0) : Tensor()};
+           });
+  return out;
+}
+
+// d/dx max(x, 0) = [x > 0]
+Tensor relu(const Tensor& x) {
+  Tensor out = unary_map(x, "relu", [](auto v) { return v > 0 ? v : decltype(v)(0); });
+  if (detail::any_requires_grad({x}))
+    record("relu", {x}, out, [so = SavedTensor(out, true)](const Tensor& g, const Node& self) {
+      // The output is positive exactly where the input is, so the mask can come from either.
+      const Tensor mask = constant_factor(so.unpack(self).detach(), [](auto v) { return decltype(v)(v > 0); });
+      return GradList{mul(g, mask)};
+    });
+  return out;
+}
+
+// d/dx = 1 for x > 0, else negative_slope
+Tensor leaky_relu(const Tensor& x, double slope) {
+  Tensor out = unary_map(x, "leaky_relu", [slope](auto v) { return v > 0 ? v : static_cast<decltype(v)>(slope) * v; });
+  if (detail::any_requires_grad({x}))
+    record("leaky_relu", {x}, out, [sx = SavedTensor(x, false), slope](const Tensor& g, const Node& self) {
+      const Tensor f = constant_factor(sx.unpack(self).detach(), [slope](auto v) {
+        return v > 0 ? decltype(v)(1) : static_cast<decltype(v)>(slope);
+      });
+      return GradList{mul(g, f)};
+    });
+  return out;
+}
+
+// elu(x) = x for x > 0, alpha (e^x - 1) otherwise; d/dx = 1 or elu(x) + alpha
+Tensor elu(const Tensor& x, double alpha) {
+  Tensor out = unary_map(x, "elu", [alpha](auto v) {
+    return v > 0 ? v : static_cast<decltype(v)>(alpha) * std::expm1(v);
+  });
+  if (detail::any_requires_grad({x}))
+    record("elu", {x}, out, [sx = SavedTensor(x, false), so = SavedTensor(out, true), alpha](const Tensor& g,
+                                                                                                const Node& self) {
+      const Tensor positive = constant_factor(sx.unpack(self).detach(), [](auto v) { return decltype(v)(v > 0); });
+      return GradList{mul(g, where(positive, scalar_like(g, 1.0), so.unpack(self) + alpha))};
+    });
+  return out;
+}
+
+// gelu(x) = x Phi(x) = x/2 (1 + erf(x/sqrt 2)); a composition, so it needs no rule of its own.
+Tensor gelu(const Tensor& x) { return mul(x * 0.5, erf(x * M_SQRT1_2) + 1.0); }
+
+// softplus(x) = log(1 + e^x) = max(x, 0) + log1p(e^-|x|); d/dx = sigma(x)
+Tensor softplus(const Tensor& x) {
+  Tensor out = unary_map(x, "softplus", [](auto v) {
+    return (v > 0 ? v : decltype(v)(0)) + std::log1p(std::exp(-std::abs(v)));
+  });
+  if (detail::any_requires_grad({x}))
+    record("softplus", {x}, out, [sx = SavedTensor(x, false)](const Tensor& g, const Node& self) {
+      return GradList{mul(g, sigmoid(sx.unpack(self)))};
+    });
+  return out;
+}
+
+// d/dx clamp(x, lo, hi) = [lo <= x <= hi]
+Tensor clamp(const Tensor& x, std::optional<double> lo, std::optional<double> hi) {
+  const double l = lo.value_or(-INFINITY), h = hi.value_or(INFINITY);
+  CG_CHECK(!(l > h), ValueError, "clamp: expected lo <= hi; got ", l, " and ", h);
+  Tensor out = unary_map(x, "clamp", [l, h](auto v) {
+    using T = decltype(v);
+    return v < static_cast<T>(l) ? static_cast<T>(l) : (v > static_cast<T>(h) ? static_cast<T>(h) : v);
+  });
+  if (detail::any_requires_grad({x}))
+    record("clamp", {x}, out, [sx = SavedTensor(x, false), l, h](const Tensor& g, const Node& self) {
+      const Tensor f = constant_factor(sx.unpack(self).detach(), [l, h](auto v) {
+        return static_cast<decltype(v)>(v >= l && v <= h);
+      });
+      return GradList{mul(g, f)};
+    });
+  return out;
+}
+
+// d/dx x^2 = 2x
+Tensor square(const Tensor& x) {
+  Tensor out = unary_map(x, "square", [](auto v) { return v * v; });
+  if (detail::any_requires_grad({x}))
+    record("square", {x}, out, [sx = SavedTensor(x, false)](const Tensor& g, const Node& self) {
+      return GradList{mul(g, sx.unpack(self) * 2.0)};
+    });
+  return out;
+}
+
+}  // namespace chaingrad
