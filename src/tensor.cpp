@@ -245,7 +245,7 @@ Tensor Tensor::matmul(const Tensor& o) const { return chaingrad::matmul(*this, o
 // ---------------------------------------------------------------- printing
 namespace {
 void print_rec(std::ostream& os, const Tensor& t, int d, std::int64_t off, int indent, bool is_float,
-               int precision) {
+               int precision, int width) {
   const std::int64_t n = t.shape()[d];
   const std::int64_t stride = t.strides()[d];
   os << '[';
@@ -260,12 +260,12 @@ void print_rec(std::ostream& os, const Tensor& t, int d, std::int64_t off, int i
       dispatch(t.dtype(), [&]<class T>() {
         const T v = static_cast<const T*>(t.storage()->data())[o];
         if (is_float)
-          os << std::setw(precision + 4) << std::fixed << std::setprecision(precision) << static_cast<double>(v);
+          os << std::setw(width) << std::fixed << std::setprecision(precision) << static_cast<double>(v);
         else
           os << v;
       });
     } else {
-      print_rec(os, t, d + 1, o, indent + 1, is_float, precision);
+      print_rec(os, t, d + 1, o, indent + 1, is_float, precision, width);
     }
     if (i + 1 < n) os << (d + 1 == t.dim() ? ", " : ",\n" + std::string(indent + 1, ' '));
   }
@@ -285,9 +285,19 @@ std::string Tensor::to_string() const {
       os << static_cast<double>(*static_cast<const T*>(raw_data()));
     });
   } else {
-    print_rec(os, *this, 0, offset(), 7, is_float, precision);
+    // One column width for all elements, as numpy does: wide enough for the largest magnitude.
+    double max_abs = 0;
+    bool negative = false;
+    if (is_float && numel() > 0)
+      for (double v : to_vector<double>()) {
+        if (std::isfinite(v)) max_abs = std::max(max_abs, std::abs(v));
+        negative |= v < 0 || std::isnan(v);
+      }
+    const int int_digits = max_abs >= 1 ? static_cast<int>(std::floor(std::log10(max_abs))) + 1 : 1;
+    const int width = int_digits + 1 + precision + (negative ? 1 : 0);
+    print_rec(os, *this, 0, offset(), 7, is_float, precision, width);
   }
-  if (dim() != 1 || dtype() != DType::Float32) os << ", shape=" << shape();
+  if (dim() > 1) os << ", shape=" << shape();
   if (dtype() != DType::Float32) os << ", dtype=" << dtype();
   if (grad_fn())
     os << ", grad_fn=<" << grad_fn()->name() << ">";

@@ -288,6 +288,34 @@ TEST(IdxErrors, CountMismatchNamesBothFilesAndCounts) {
                {"3 images", "2 labels", dir.file("train-images-idx3-ubyte"), dir.file("train-labels-idx1-ubyte")});
 }
 
+TEST(IdxErrors, RandomCorruptionThrowsIoErrorOrLoads) {
+  TempDir dir;
+  std::vector<std::uint8_t> px(2 * 5 * 7);
+  for (std::size_t i = 0; i < px.size(); ++i) px[i] = static_cast<std::uint8_t>(i * 3);
+  const std::string plain = idx_bytes({2, 5, 7}, px);
+  const std::string gz = gzip_stored(plain);
+  std::mt19937_64 rng(99);
+  int rejected = 0;
+  for (int iter = 0; iter < 2000; ++iter) {
+    std::string bad = iter % 2 ? gz : plain;
+    const std::size_t pos = rng() % bad.size();
+    if (rng() % 3 == 0)
+      bad.resize(pos);
+    else
+      bad[pos] = static_cast<char>(rng());
+    const std::string p = dir.file(iter % 2 ? "f.gz" : "f");
+    write_bytes(p, bad);
+    try {
+      const cg::Tensor t = cd::read_idx_images(p);
+      EXPECT_LE(t.numel(), static_cast<std::int64_t>(px.size()) * 256);
+    } catch (const cg::IoError& e) {
+      ++rejected;
+      ASSERT_NE(std::string(e.what()).find(p), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_GT(rejected, 500);
+}
+
 // ---- the real Fashion-MNIST ----
 
 TEST(FashionMnist, TestSetLoadsWithKnownValues) {

@@ -140,6 +140,9 @@ TEST(AtomicFile, MissingDirectoryNamesPathAndReason) {
   TempDir dir;
   const std::string p = dir.file("no/such/dir/out.txt");
   expect_error([&] { cio::write_file_atomic(p, "x"); }, {p, "No such file or directory"});
+  cio::write_file_atomic(dir.file("plain"), "x");
+  expect_error([&] { cio::write_file_atomic(dir.file("plain/inside"), "x"); },
+               {dir.file("plain/inside"), "Not a directory"});
 }
 
 TEST(AtomicFile, FailedRenameRemovesTheTempFile) {
@@ -428,6 +431,44 @@ TEST(SafetensorsHostile, HeaderPaddingWithSpacesIsFine) {
   ASSERT_NE(f.find("a"), nullptr);
   EXPECT_EQ(f.find("a")->dim(), 0);
   EXPECT_EQ(f.find("a")->data<float>()[0], 1.0f);
+}
+
+TEST(SafetensorsHostile, RandomCorruptionThrowsIoErrorOrLoads) {
+  // Whatever the bytes, the reader either loads or throws IoError: never crashes, never throws
+  // anything else (a json type_error escaping would mean a missing check).
+  TempDir dir;
+  const std::string p = dir.file("valid");
+  std::vector<std::int64_t> iv{1, 2, 3};
+  cio::save_safetensors(p, {{"a", f32({1, 2, 3, 4}, {2, 2})}, {"b", cg::from_vector(std::span<const std::int64_t>(iv), {3})}},
+                        {{"k", "v"}});
+  const std::string good = read_all(p);
+  std::mt19937_64 rng(1234);
+  int loaded = 0, rejected = 0;
+  for (int iter = 0; iter < 3000; ++iter) {
+    std::string bad = good;
+    const int edits = 1 + static_cast<int>(rng() % 4);
+    for (int k = 0; k < edits; ++k) {
+      const std::size_t pos = rng() % bad.size();
+      switch (rng() % 4) {
+        case 0: bad[pos] = static_cast<char>(rng()); break;
+        case 1: bad[pos] = "{}[]\":,0123456789-.e \\"[rng() % 20]; break;
+        case 2: bad.resize(pos); break;
+        default: bad.insert(pos, 1, "0123456789\",-"[rng() % 13]); break;
+      }
+      if (bad.empty()) bad.push_back('x');  // not `bad = "x"`: GCC 12 warns falsely (-Wrestrict)
+    }
+    const std::string q = dir.file("fuzz");
+    write_bytes(q, bad);
+    try {
+      cio::load_safetensors(q);
+      ++loaded;
+    } catch (const cg::IoError& e) {
+      ++rejected;
+      ASSERT_NE(std::string(e.what()).find(q), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_GT(rejected, 1000);
+  EXPECT_GT(loaded, 0);  // e.g. edits inside the data section
 }
 
 // ---- cross-check with an independent implementation ----

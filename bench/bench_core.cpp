@@ -1,0 +1,96 @@
+// Micro-benchmarks of the hot kernels, with GFLOP/s or GB/s counters so a regression shows.
+// Peak references for this machine are in BENCHMARKS.md.
+#include <benchmark/benchmark.h>
+
+#include "chaingrad/chaingrad.hpp"
+
+namespace cg = chaingrad;
+
+static void BM_Add(benchmark::State& state) {
+  const auto n = state.range(0);
+  cg::Tensor a = cg::randn({n}), b = cg::randn({n});
+  for (auto _ : state) benchmark::DoNotOptimize(cg::add(a, b));
+  state.counters["GB/s"] = benchmark::Counter(static_cast<double>(3 * n * 4) * state.iterations(),
+                                              benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+}
+BENCHMARK(BM_Add)->Arg(1 << 10)->Arg(1 << 16)->Arg(1 << 20);
+
+static void BM_BiasAddBroadcast(benchmark::State& state) {
+  cg::Tensor a = cg::randn({state.range(0), 256}), b = cg::randn({256});
+  for (auto _ : state) benchmark::DoNotOptimize(cg::add(a, b));
+  state.counters["GB/s"] = benchmark::Counter(static_cast<double>(2 * a.numel() * 4) * state.iterations(),
+                                              benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+}
+BENCHMARK(BM_BiasAddBroadcast)->Arg(64)->Arg(1024);
+
+static void BM_Relu(benchmark::State& state) {
+  cg::Tensor a = cg::randn({state.range(0)});
+  for (auto _ : state) benchmark::DoNotOptimize(cg::relu(a));
+  state.counters["GB/s"] = benchmark::Counter(static_cast<double>(2 * a.numel() * 4) * state.iterations(),
+                                              benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+}
+BENCHMARK(BM_Relu)->Arg(1 << 16)->Arg(1 << 20);
+
+static void BM_Sum(benchmark::State& state) {
+  cg::Tensor a = cg::randn({state.range(0), 256});
+  for (auto _ : state) benchmark::DoNotOptimize(cg::sum(a, {0}));
+  state.counters["GB/s"] = benchmark::Counter(static_cast<double>(a.numel() * 4) * state.iterations(),
+                                              benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+}
+BENCHMARK(BM_Sum)->Arg(64)->Arg(1024);
+
+// The MLP's GEMM shapes: forward of layer 1 at batch B ([B,784] x [784,256]^T).
+static void BM_Linear(benchmark::State& state) {
+  const auto B = state.range(0), in = state.range(1), out = state.range(2);
+  cg::Tensor x = cg::randn({B, in}), w = cg::randn({out, in}), b = cg::randn({out});
+  for (auto _ : state) benchmark::DoNotOptimize(cg::linear(x, w, b));
+  state.counters["GFLOP/s"] = benchmark::Counter(static_cast<double>(2 * B * in * out) * state.iterations(),
+                                                 benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+}
+BENCHMARK(BM_Linear)->Args({64, 784, 256})->Args({64, 256, 256})->Args({1024, 784, 256})->Args({1024, 256, 10});
+
+static void BM_Matmul(benchmark::State& state) {
+  const auto n = state.range(0);
+  cg::Tensor a = cg::randn({n, n}), b = cg::randn({n, n});
+  for (auto _ : state) benchmark::DoNotOptimize(cg::matmul(a, b));
+  state.counters["GFLOP/s"] = benchmark::Counter(static_cast<double>(2 * n * n * n) * state.iterations(),
+                                                 benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+}
+BENCHMARK(BM_Matmul)->Arg(256)->Arg(1024);
+
+// One forward+backward step of the seed network on 0-d tensors: the per-op overhead.
+static void BM_SeedNetworkStep(benchmark::State& state) {
+  const cg::TensorOptions rg{.dtype = cg::DType::Float32, .requires_grad = true};
+  cg::Tensor w1 = cg::scalar(0.5, rg), b1 = cg::scalar(0.1, rg), w2 = cg::scalar(-0.3, rg), b2 = cg::scalar(0.2, rg);
+  const cg::Tensor x = cg::scalar(1.5, {.dtype = cg::DType::Float32}), t = cg::scalar(0.8, {.dtype = cg::DType::Float32});
+  for (auto _ : state) {
+    cg::Tensor L = cg::pow(cg::sigmoid(w2 * cg::sigmoid(w1 * x + b1) + b2) - t, 2.0);
+    L.backward();
+    for (cg::Tensor* p : {&w1, &b1, &w2, &b2}) p->zero_grad();
+  }
+}
+BENCHMARK(BM_SeedNetworkStep);
+
+// One SGD step of the 784-256-256-10 MLP at batch 64 (forward, backward, update).
+static void BM_MlpStep(benchmark::State& state) {
+  const auto B = state.range(0);
+  cg::Generator g(0);
+  auto param = [&](cg::Dims s) { return (cg::randn(s, {}, &g) * 0.05).detach().requires_grad_(); };
+  cg::Tensor w1 = param({256, 784}), b1 = param({256}), w2 = param({256, 256}), b2 = param({256}), w3 = param({10, 256}),
+             b3 = param({10});
+  cg::Tensor x = cg::rand({B, 784}, {}, &g);
+  cg::Tensor y = cg::randint(0, 10, {B}, &g);
+  for (auto _ : state) {
+    cg::Tensor logits = cg::linear(cg::relu(cg::linear(cg::relu(cg::linear(x, w1, b1)), w2, b2)), w3, b3);
+    cg::cross_entropy(logits, y).backward();
+    cg::NoGradGuard ng;
+    for (cg::Tensor* p : {&w1, &b1, &w2, &b2, &w3, &b3}) {
+      p->add_(p->grad(), -0.1);
+      p->zero_grad();
+    }
+  }
+  state.SetItemsProcessed(state.iterations() * B);
+}
+BENCHMARK(BM_MlpStep)->Arg(64)->Arg(256);
+
+BENCHMARK_MAIN();

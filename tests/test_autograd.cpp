@@ -1,0 +1,337 @@
+// The engine against hand-derived chain-rule products: the seed network, fan-out, a 2-3-2
+// network element by element, plus the engine's contracts (retain_graph, hooks, no_grad,
+// create_graph, version counter, deep graphs).
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "chaingrad/chaingrad.hpp"
+#include "gradcheck.hpp"
+
+namespace cg = chaingrad;
+using cg::Tensor;
+
+namespace {
+double sig(double v) { return 1.0 / (1.0 + std::exp(-v)); }
+double dsig(double v) { return sig(v) * (1.0 - sig(v)); }
+Tensor s(double v, bool rg = false) { return cg::scalar(v, {.dtype = cg::DType::Float64, .requires_grad = rg}); }
+}  // namespace
+
+// z1 = w1 x + b1, h = σ(z1), z2 = w2 h + b2, y = σ(z2), L = (y - t)^2
+TEST(SeedNetwork, GradientsEqualHandDerivedProducts) {
+  const double xv = 0.5, w1v = 0.3, b1v = -0.1, w2v = 0.8, b2v = 0.2, tv = 1.0;
+  Tensor x = s(xv, true), w1 = s(w1v, true), b1 = s(b1v, true), w2 = s(w2v, true), b2 = s(b2v, true), t = s(tv);
+  Tensor z1 = w1 * x + b1, h = cg::sigmoid(z1), z2 = w2 * h + b2, y = cg::sigmoid(z2), L = cg::pow(y - t, 2);
+  L.backward();
+  const double Z1 = w1v * xv + b1v, H = sig(Z1), Z2 = w2v * H + b2v, Y = sig(Z2);
+  const double dL_dy = 2 * (Y - tv), dy_dz2 = dsig(Z2), dz2_dh = w2v, dh_dz1 = dsig(Z1);
+  EXPECT_NEAR(L.item(), (Y - tv) * (Y - tv), 1e-15);
+  EXPECT_NEAR(w1.grad().item(), dL_dy * dy_dz2 * dz2_dh * dh_dz1 * xv, 1e-12);
+  EXPECT_NEAR(b1.grad().item(), dL_dy * dy_dz2 * dz2_dh * dh_dz1 * 1.0, 1e-12);
+  EXPECT_NEAR(w2.grad().item(), dL_dy * dy_dz2 * H, 1e-12);
+  EXPECT_NEAR(b2.grad().item(), dL_dy * dy_dz2, 1e-12);
+  EXPECT_NEAR(x.grad().item(), dL_dy * dy_dz2 * dz2_dh * dh_dz1 * w1v, 1e-12);
+}
+
+// L = a*b + sin(a): a fans out, so dL/da = b + cos(a), the sum of both paths' products.
+TEST(FanOut, SumsBothPaths) {
+  Tensor a = s(0.7, true), b = s(-1.3, true);
+  Tensor L = a * b + cg::sin(a);
+  L.backward();
+  EXPECT_NEAR(a.grad().item(), -1.3 + std::cos(0.7), 1e-15);
+  EXPECT_NEAR(b.grad().item(), 0.7, 1e-15);
+}
+
+TEST(FanOut, SameTensorTwiceInOneOp) {
+  Tensor a = s(3.0, true);
+  Tensor L = a * a + a;  // 2a + 1
+  L.backward();
+  EXPECT_DOUBLE_EQ(a.grad().item(), 7.0);
+}
+
+// A 2-3-2 sigmoid network with MSE loss, every weight's gradient against the hand-derived sum
+// over the paths through the three hidden neurons.
+TEST(MultiNeuron, TwoThreeTwoElementByElement) {
+  const double X[2] = {0.4, -0.7}, T[2] = {1.0, 0.0};
+  const double W1[3][2] = {{0.1, -0.2}, {0.4, 0.3}, {-0.5, 0.6}}, B1[3] = {0.01, -0.02, 0.03};
+  const double W2[2][3] = {{0.7, -0.1, 0.2}, {-0.3, 0.5, 0.9}}, B2[2] = {-0.05, 0.04};
+  Tensor x = cg::tensor({X[0], X[1]});
+  Tensor w1 = cg::tensor({{W1[0][0], W1[0][1]}, {W1[1][0], W1[1][1]}, {W1[2][0], W1[2][1]}}, true);
+  Tensor b1 = cg::tensor({B1[0], B1[1], B1[2]}, true);
+  Tensor w2 = cg::tensor({{W2[0][0], W2[0][1], W2[0][2]}, {W2[1][0], W2[1][1], W2[1][2]}}, true);
+  Tensor b2 = cg::tensor({B2[0], B2[1]}, true);
+  Tensor t = cg::tensor({T[0], T[1]});
+  Tensor h = cg::sigmoid(cg::linear(x, w1, b1));
+  Tensor y = cg::sigmoid(cg::linear(h, w2, b2));
+  Tensor L = cg::sum(cg::square(y - t));
+  L.backward();
+
+  double z1[3], hv[3], z2[2], yv[2], delta2[2], delta1[3];
+  for (int j = 0; j < 3; ++j) {
+    z1[j] = W1[j][0] * X[0] + W1[j][1] * X[1] + B1[j];
+    hv[j] = sig(z1[j]);
+  }
+  for (int k = 0; k < 2; ++k) {
+    z2[k] = B2[k];
+    for (int j = 0; j < 3; ++j) z2[k] += W2[k][j] * hv[j];
+    yv[k] = sig(z2[k]);
+    delta2[k] = 2 * (yv[k] - T[k]) * dsig(z2[k]);  // dL/dz2_k
+  }
+  for (int j = 0; j < 3; ++j) {
+    delta1[j] = 0;  // sum over the two output paths
+    for (int k = 0; k < 2; ++k) delta1[j] += delta2[k] * W2[k][j];
+    delta1[j] *= dsig(z1[j]);
+  }
+  for (int k = 0; k < 2; ++k) {
+    EXPECT_NEAR(b2.grad().at({k}), delta2[k], 1e-14);
+    for (int j = 0; j < 3; ++j) EXPECT_NEAR(w2.grad().at({k, j}), delta2[k] * hv[j], 1e-14);
+  }
+  for (int j = 0; j < 3; ++j) {
+    EXPECT_NEAR(b1.grad().at({j}), delta1[j], 1e-14);
+    for (int i = 0; i < 2; ++i) EXPECT_NEAR(w1.grad().at({j, i}), delta1[j] * X[i], 1e-14);
+  }
+}
+
+TEST(Engine, DeepChainDoesNotOverflowTheStack) {
+  Tensor x = s(1.0, true);
+  Tensor y = x;
+  for (int i = 0; i < 100000; ++i) y = y * 1.0000001 + 0.0;
+  y.backward();
+  EXPECT_NEAR(x.grad().item(), std::pow(1.0000001, 100000), 1e-9);
+  y = Tensor();  // tearing the 200,000-node graph down must not recurse either
+}
+
+TEST(Engine, GradientsAccumulateAcrossBackwardCalls) {
+  Tensor a = s(2.0, true);
+  (a * 3.0).backward();
+  (a * 4.0).backward();
+  EXPECT_DOUBLE_EQ(a.grad().item(), 7.0);
+  a.zero_grad();
+  EXPECT_FALSE(a.grad().defined());
+}
+
+TEST(Engine, SecondBackwardThroughFreedGraphIsAnError) {
+  Tensor a = s(2.0, true);
+  Tensor L = cg::exp(a);
+  L.backward();
+  try {
+    L.backward();
+    FAIL() << "expected an error";
+  } catch (const cg::AutogradError& e) {
+    EXPECT_NE(std::string(e.what()).find("second time"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("exp"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Engine, RetainGraphAllowsASecondBackward) {
+  Tensor a = s(2.0, true);
+  Tensor L = cg::exp(a);
+  L.backward({}, /*retain_graph=*/true);
+  L.backward();
+  EXPECT_NEAR(a.grad().item(), 2 * std::exp(2.0), 1e-12);
+}
+
+TEST(Engine, NoGradRecordsNothing) {
+  Tensor a = s(2.0, true);
+  cg::NoGradGuard guard;
+  Tensor b = a * a;
+  EXPECT_FALSE(b.requires_grad());
+  EXPECT_EQ(b.grad_fn(), nullptr);
+}
+
+TEST(Engine, DetachCutsTheGraph) {
+  Tensor a = s(2.0, true);
+  Tensor L = a * a.detach();
+  L.backward();
+  EXPECT_DOUBLE_EQ(a.grad().item(), 2.0);
+}
+
+TEST(Engine, RequiresGradPropagates) {
+  Tensor a = s(1.0, true), c = s(2.0);
+  EXPECT_TRUE((a + c).requires_grad());
+  EXPECT_FALSE((c * c).requires_grad());
+  EXPECT_TRUE((a + c).grad_fn() != nullptr);
+  EXPECT_TRUE(a.is_leaf());
+  EXPECT_FALSE((a + c).is_leaf());
+}
+
+TEST(Engine, BackwardOnNonScalarNeedsGradOutput) {
+  Tensor a = cg::tensor({1.0, 2.0}, true);
+  Tensor y = a * 3.0;
+  EXPECT_THROW(y.backward(), cg::ValueError);
+  y.backward(cg::tensor({1.0, -1.0}));
+  EXPECT_DOUBLE_EQ(a.grad().at({0}), 3.0);
+  EXPECT_DOUBLE_EQ(a.grad().at({1}), -3.0);
+}
+
+TEST(Engine, BackwardWithoutGradIsAClearError) {
+  Tensor a = s(1.0);
+  EXPECT_THROW((a * 2.0).backward(), cg::AutogradError);
+}
+
+TEST(Engine, HessianVectorProductWithCreateGraph) {
+  // f(x) = sum(x^3): grad = 3x^2, Hessian = diag(6x), Hv = 6 x v
+  Tensor x = cg::tensor({1.0, -2.0, 0.5}, true);
+  Tensor v = cg::tensor({0.3, 0.1, -1.0});
+  Tensor f = cg::sum(cg::pow(x, 3.0));
+  auto g = cg::autograd::grad({f}, {x}, {}, true, /*create_graph=*/true);
+  ASSERT_TRUE(g[0].requires_grad());
+  auto hv = cg::autograd::grad({cg::sum(g[0] * v)}, {x});
+  EXPECT_NEAR(hv[0].at({0}), 6 * 1.0 * 0.3, 1e-12);
+  EXPECT_NEAR(hv[0].at({1}), 6 * -2.0 * 0.1, 1e-12);
+  EXPECT_NEAR(hv[0].at({2}), 6 * 0.5 * -1.0, 1e-12);
+}
+
+TEST(Engine, ThirdDerivativeOfSigmoid) {
+  Tensor x = s(0.3, true);
+  Tensor y = cg::sigmoid(x);
+  auto d1 = cg::autograd::grad({y}, {x}, {}, true, true);
+  auto d2 = cg::autograd::grad({d1[0]}, {x}, {}, true, true);
+  auto d3 = cg::autograd::grad({d2[0]}, {x});
+  const double sv = sig(0.3);
+  EXPECT_NEAR(d1[0].item(), sv * (1 - sv), 1e-14);
+  EXPECT_NEAR(d2[0].item(), sv * (1 - sv) * (1 - 2 * sv), 1e-14);
+  EXPECT_NEAR(d3[0].item(), sv * (1 - sv) * (1 - 6 * sv + 6 * sv * sv), 1e-13);
+}
+
+TEST(Engine, GradDoesNotTouchDotGrad) {
+  Tensor a = s(2.0, true), b = s(5.0, true);
+  auto g = cg::autograd::grad({a * b}, {a});
+  EXPECT_DOUBLE_EQ(g[0].item(), 5.0);
+  EXPECT_FALSE(a.grad().defined());
+  EXPECT_FALSE(b.grad().defined());
+}
+
+TEST(Engine, GradOfUnusedInput) {
+  Tensor a = s(2.0, true), b = s(5.0, true);
+  EXPECT_THROW(cg::autograd::grad({a * 2.0}, {b}), cg::AutogradError);
+  auto g = cg::autograd::grad({a * 2.0}, {b}, {}, false, false, /*allow_unused=*/true);
+  EXPECT_FALSE(g[0].defined());
+}
+
+TEST(Engine, GradWithRespectToIntermediate) {
+  Tensor a = s(2.0, true);
+  Tensor m = a * 3.0;
+  Tensor L = m * m;
+  auto g = cg::autograd::grad({L}, {m, a});
+  EXPECT_DOUBLE_EQ(g[0].item(), 12.0);
+  EXPECT_DOUBLE_EQ(g[1].item(), 36.0);
+}
+
+TEST(Hooks, LeafHookSeesAndReplacesGradient) {
+  Tensor a = s(2.0, true);
+  double seen = 0;
+  a.register_hook([&](const Tensor& g) {
+    seen = g.item();
+    return g * 10.0;
+  });
+  (a * 3.0).backward();
+  EXPECT_DOUBLE_EQ(seen, 3.0);
+  EXPECT_DOUBLE_EQ(a.grad().item(), 30.0);
+}
+
+TEST(Hooks, NonLeafHookAndRetainGrad) {
+  Tensor a = s(2.0, true);
+  Tensor m = a * 3.0;
+  m.retain_grad();
+  double seen = 0;
+  m.register_hook([&](const Tensor& g) {
+    seen = g.item();
+    return Tensor();
+  });
+  (m * m).backward();
+  EXPECT_DOUBLE_EQ(seen, 12.0);
+  EXPECT_DOUBLE_EQ(m.grad().item(), 12.0);
+  EXPECT_DOUBLE_EQ(a.grad().item(), 36.0);
+}
+
+TEST(VersionCounter, InPlaceChangeOfSavedTensorIsAnError) {
+  Tensor a = cg::tensor({1.0, 2.0}, true);
+  Tensor b = cg::tensor({3.0, 4.0});
+  Tensor y = cg::sum(a * b);
+  b.add_(cg::tensor({1.0, 1.0}));
+  try {
+    y.backward();
+    FAIL() << "expected an error";
+  } catch (const cg::AutogradError& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("mul"), std::string::npos) << m;
+    EXPECT_NE(m.find("in-place"), std::string::npos) << m;
+  }
+}
+
+TEST(VersionCounter, InPlaceOnLeafRequiringGradIsRefused) {
+  Tensor a = cg::tensor({1.0, 2.0}, true);
+  EXPECT_THROW(a.add_(cg::tensor({1.0, 1.0})), cg::AutogradError);
+  cg::NoGradGuard ng;
+  a.add_(cg::tensor({1.0, 1.0}));
+  EXPECT_DOUBLE_EQ(a.at({1}), 3.0);
+}
+
+TEST(Broadcast, GradientSummedBackToInputShape) {
+  Tensor a = cg::ones({2, 3}, {.dtype = cg::DType::Float64, .requires_grad = true});
+  Tensor b = cg::tensor({1.0, 2.0, 3.0}, true);
+  cg::sum(a * b).backward();
+  ASSERT_EQ(b.grad().shape(), (cg::Dims{3}));
+  EXPECT_DOUBLE_EQ(b.grad().at({0}), 2.0);
+  EXPECT_DOUBLE_EQ(a.grad().at({1, 2}), 3.0);
+}
+
+TEST(Broadcast, MixedDtypesPromoteAndGradientsKeepTheirDtype) {
+  Tensor a = cg::ones({2}, {.dtype = cg::DType::Float32, .requires_grad = true});
+  Tensor b = cg::ones({2}, {.dtype = cg::DType::Float64, .requires_grad = true});
+  Tensor y = a * b;
+  EXPECT_EQ(y.dtype(), cg::DType::Float64);
+  cg::sum(y).backward();
+  EXPECT_EQ(a.grad().dtype(), cg::DType::Float32);
+  EXPECT_EQ(b.grad().dtype(), cg::DType::Float64);
+}
+
+TEST(ShapeErrors, MessagesNameTheOpAndBothShapes) {
+  Tensor a = cg::zeros({64, 784}), b = cg::zeros({256, 10});
+  try {
+    cg::matmul(a, b);
+    FAIL();
+  } catch (const cg::ShapeError& e) {
+    EXPECT_NE(std::string(e.what()).find("matmul: shapes [64, 784] and [256, 10] cannot be multiplied"),
+              std::string::npos)
+        << e.what();
+  }
+  try {
+    cg::add(cg::zeros({2, 3}), cg::zeros({4}));
+    FAIL();
+  } catch (const cg::ShapeError& e) {
+    EXPECT_NE(std::string(e.what()).find("add: shapes [2, 3] and [4] cannot be broadcast"), std::string::npos)
+        << e.what();
+  }
+  EXPECT_THROW(cg::mm(cg::zeros({2, 3}), cg::zeros({2, 3})), cg::ShapeError);
+  EXPECT_THROW(cg::reshape(cg::zeros({2, 3}), {4}), cg::ShapeError);
+  EXPECT_THROW(cg::cross_entropy(cg::zeros({2, 3}), cg::from_vector(std::vector<std::int64_t>{0, 3}, {2})),
+               cg::ValueError);
+}
+
+TEST(Anomaly, NonFiniteForwardNamesTheOp) {
+  cg::DetectAnomalyGuard guard;
+  Tensor a = cg::tensor({-1.0, 1.0}, true);
+  try {
+    cg::log(a);
+    FAIL();
+  } catch (const cg::ValueError& e) {
+    EXPECT_NE(std::string(e.what()).find("log"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("[2]"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Numerics, StableAtExtremes) {
+  Tensor x = cg::tensor({-1000.0, 1000.0}, false, cg::DType::Float32);
+  EXPECT_TRUE(cg::isfinite_all(cg::sigmoid(x)));
+  EXPECT_TRUE(cg::isfinite_all(cg::softplus(x)));
+  EXPECT_FLOAT_EQ(static_cast<float>(cg::softplus(x).at({1})), 1000.0f);
+  Tensor logits = cg::reshape(x, {1, 2});
+  EXPECT_TRUE(cg::isfinite_all(cg::log_softmax(logits, 1)));
+  EXPECT_FLOAT_EQ(static_cast<float>(cg::logsumexp(logits, 1).item()), 1000.0f);
+  auto label = cg::from_vector(std::vector<std::int64_t>{0}, {1});
+  EXPECT_NEAR(cg::cross_entropy(logits, label).item(), 2000.0, 1e-3);
+  EXPECT_NEAR(cg::bce_with_logits(x, cg::tensor({1.0, 0.0}, false, cg::DType::Float32)).item(), 1000.0, 1e-3);
+  EXPECT_DOUBLE_EQ(cg::var(cg::full({5}, 3.0)).item(), 0.0);
+}

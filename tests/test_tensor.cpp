@@ -1,0 +1,140 @@
+#include <gtest/gtest.h>
+
+#include "chaingrad/chaingrad.hpp"
+
+namespace cg = chaingrad;
+using cg::Tensor;
+
+TEST(Tensor, CreationAndItem) {
+  EXPECT_EQ(cg::zeros({2, 3}).shape(), (cg::Dims{2, 3}));
+  EXPECT_DOUBLE_EQ(cg::full({2}, 1.5).at({1}), 1.5);
+  EXPECT_DOUBLE_EQ(cg::arange(0, 5).at({4}), 4.0);
+  EXPECT_EQ(cg::arange(0, 1, 0.25).numel(), 4);
+  EXPECT_DOUBLE_EQ(cg::linspace(0, 1, 5).at({4}), 1.0);
+  EXPECT_DOUBLE_EQ(cg::eye(3).at({1, 1}), 1.0);
+  EXPECT_DOUBLE_EQ(cg::eye(3).at({1, 2}), 0.0);
+  EXPECT_DOUBLE_EQ(cg::tensor({{1, 2}, {3, 4}}).at({1, 0}), 3.0);
+  EXPECT_DOUBLE_EQ(cg::scalar(2.5).item(), 2.5);
+  EXPECT_THROW(cg::zeros({2}).item(), cg::ValueError);
+  EXPECT_THROW(cg::zeros({2}).at({2}), cg::ShapeError);
+}
+
+TEST(Tensor, SeededRandomIsReproducible) {
+  cg::Generator g1(7), g2(7);
+  EXPECT_TRUE(cg::allclose(cg::randn({10}, {}, &g1), cg::randn({10}, {}, &g2), 0, 0));
+  Tensor u = cg::rand({1000}, {.dtype = cg::DType::Float64}, &g1);
+  EXPECT_NEAR(cg::mean(u).item(), 0.5, 0.05);
+  Tensor n = cg::randn({4000}, {.dtype = cg::DType::Float64}, &g1);
+  EXPECT_NEAR(cg::std(n).item(), 1.0, 0.05);
+  Tensor r = cg::randint(3, 7, {100}, &g1);
+  for (auto v : r.to_vector<std::int64_t>()) {
+    EXPECT_GE(v, 3);
+    EXPECT_LT(v, 7);
+  }
+  auto p = cg::randperm(10, &g1).to_vector<std::int64_t>();
+  std::sort(p.begin(), p.end());
+  for (int i = 0; i < 10; ++i) EXPECT_EQ(p[i], i);
+}
+
+TEST(Views, ShareStorage) {
+  Tensor a = cg::arange(0, 12, 1, {.dtype = cg::DType::Float64}).reshape({3, 4});
+  Tensor t = a.transpose(0, 1);
+  EXPECT_EQ(t.storage(), a.storage());
+  EXPECT_FALSE(t.is_contiguous());
+  EXPECT_DOUBLE_EQ(t.at({3, 2}), 11.0);
+  Tensor s = a.slice(1, 1, 4, 2);
+  EXPECT_EQ(s.shape(), (cg::Dims{3, 2}));
+  EXPECT_DOUBLE_EQ(s.at({2, 1}), 11.0);
+  Tensor row = a.select(0, 1);
+  EXPECT_DOUBLE_EQ(row.at({0}), 4.0);
+  {
+    cg::NoGradGuard ng;
+    row.fill_(-1);
+  }
+  EXPECT_DOUBLE_EQ(a.at({1, 3}), -1.0);
+  EXPECT_EQ(a.unsqueeze(0).shape(), (cg::Dims{1, 3, 4}));
+  EXPECT_EQ(a.unsqueeze(0).squeeze().shape(), (cg::Dims{3, 4}));
+  EXPECT_EQ(a.flatten().shape(), (cg::Dims{12}));
+  EXPECT_EQ(cg::expand(cg::zeros({3, 1}), {2, 3, 4}).strides()[0], 0);
+  EXPECT_EQ(a.permute({1, 0}).shape(), (cg::Dims{4, 3}));
+  EXPECT_THROW(t.view({12}), cg::ShapeError);  // non-contiguous: view impossible
+  EXPECT_EQ(t.reshape({12}).shape(), (cg::Dims{12}));
+}
+
+TEST(Views, CatStackSplit) {
+  Tensor a = cg::ones({2, 2}), b = cg::zeros({1, 2});
+  Tensor c = cg::cat({a, b}, 0);
+  EXPECT_EQ(c.shape(), (cg::Dims{3, 2}));
+  EXPECT_DOUBLE_EQ(c.at({2, 0}), 0.0);
+  EXPECT_EQ(cg::stack({a, a}, 0).shape(), (cg::Dims{2, 2, 2}));
+  auto parts = cg::split(cg::arange(0, 5), 2);
+  ASSERT_EQ(parts.size(), 3u);
+  EXPECT_EQ(parts[2].numel(), 1);
+  EXPECT_DOUBLE_EQ(parts[2].item(), 4.0);
+  EXPECT_THROW(cg::cat({a, cg::zeros({2, 3})}, 0), cg::ShapeError);
+}
+
+TEST(Tensor, PrintsLikeNumpy) {
+  const std::string s = cg::tensor({{1, 2}, {3, 4}}).to_string();
+  EXPECT_NE(s.find("tensor([[1.0000, 2.0000],"), std::string::npos) << s;
+  EXPECT_NE(s.find("dtype=float64"), std::string::npos) << s;
+  Tensor a = cg::scalar(2.0, {.dtype = cg::DType::Float64, .requires_grad = true});
+  EXPECT_NE((a * a).to_string().find("grad_fn=<mul>"), std::string::npos);
+  EXPECT_NE(cg::arange(0, 100).to_string().find("..."), std::string::npos);
+}
+
+TEST(Allocator, WarmStepAllocatesNothingFromTheOs) {
+  Tensor w = cg::randn({64, 32}, {.requires_grad = true});
+  Tensor x = cg::randn({16, 32});
+  auto step = [&] {
+    Tensor L = cg::sum(cg::relu(cg::linear(x, w)));
+    L.backward();
+    w.zero_grad();
+  };
+  step();
+  step();
+  const auto before = cg::allocator::stats().os_allocations;
+  for (int i = 0; i < 10; ++i) step();
+  EXPECT_EQ(cg::allocator::stats().os_allocations, before);
+  EXPECT_GT(cg::allocator::stats().cache_hits, 0u);
+}
+
+TEST(Tensor, InPlaceOpsAndConversion) {
+  Tensor a = cg::ones({2, 2});
+  a.add_(cg::tensor({1.0, 2.0}, false, cg::DType::Float32), 2.0);
+  EXPECT_DOUBLE_EQ(a.at({1, 1}), 5.0);
+  a.mul_(0.5);
+  EXPECT_DOUBLE_EQ(a.at({0, 0}), 1.5);
+  EXPECT_EQ(a.to(cg::DType::Float64).dtype(), cg::DType::Float64);
+  const auto v = cg::arange(0, 4).reshape({2, 2}).transpose(0, 1).to_vector<float>();
+  EXPECT_EQ(v, (std::vector<float>{0, 2, 1, 3}));
+  EXPECT_THROW(a.data<double>(), cg::TypeError);
+  EXPECT_THROW(cg::ones({2}, {.dtype = cg::DType::Int64}).requires_grad_(), cg::TypeError);
+}
+
+TEST(Reductions, ValuesAndArgmax) {
+  Tensor a = cg::tensor({{1, 5, 3}, {7, 2, 9}});
+  EXPECT_DOUBLE_EQ(cg::sum(a).item(), 27.0);
+  EXPECT_DOUBLE_EQ(cg::sum(a, {0}).at({2}), 12.0);
+  EXPECT_EQ(cg::sum(a, {1}, true).shape(), (cg::Dims{2, 1}));
+  EXPECT_DOUBLE_EQ(cg::amax(a, {1}).at({0}), 5.0);
+  EXPECT_DOUBLE_EQ(cg::amin(a).item(), 1.0);
+  EXPECT_EQ(cg::argmax(a, 1).to_vector<std::int64_t>(), (std::vector<std::int64_t>{1, 2}));
+  EXPECT_NEAR(cg::var(a, {1}).at({0}), 4.0, 1e-12);
+  EXPECT_NEAR(cg::sum(cg::softmax(a, 1), {1}).at({1}), 1.0, 1e-12);
+}
+
+TEST(Matmul, MatchesNaiveProduct) {
+  cg::Generator g(3);
+  Tensor a = cg::randn({5, 7}, {.dtype = cg::DType::Float64}, &g), b = cg::randn({7, 4}, {.dtype = cg::DType::Float64}, &g);
+  Tensor c = cg::matmul(a, b);
+  for (int i = 0; i < 5; ++i)
+    for (int j = 0; j < 4; ++j) {
+      double acc = 0;
+      for (int k = 0; k < 7; ++k) acc += a.at({i, k}) * b.at({k, j});
+      EXPECT_NEAR(c.at({i, j}), acc, 1e-12);
+    }
+  // Transposed operands go straight to the BLAS with transpose flags.
+  EXPECT_TRUE(cg::allclose(cg::matmul(b.t(), a.t()), c.t(), 1e-12, 1e-12));
+  EXPECT_EQ(cg::matmul(cg::zeros({3, 2, 5, 7}), cg::zeros({7, 4})).shape(), (cg::Dims{3, 2, 5, 4}));
+}
