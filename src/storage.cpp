@@ -1,5 +1,6 @@
 #include "chaingrad/storage.hpp"
 
+#include <atomic>
 #include <cstdlib>
 #include <mutex>
 #include <new>
@@ -25,7 +26,8 @@ std::size_t size_class(std::size_t n) {
 struct Cache {
   std::mutex mu;
   std::unordered_map<std::size_t, std::vector<void*>> free;
-  AllocatorStats stats;
+  AllocatorStats stats;  // guarded by mu, except the small-buffer counters below
+  std::atomic<std::uint64_t> small_hits{0}, small_os{0};
   ~Cache() {
     for (auto& [size, list] : free)
       for (void* p : list) std::free(p);
@@ -37,6 +39,21 @@ Cache& cache() {
   return *c;
 }
 
+// Buffers of at most 512 bytes (scalars, biases of small layers) are recycled through per-thread
+// lists without a lock: the scalar workload allocates a few of them per op.
+constexpr std::size_t kSmallMax = 512;
+struct SmallCache {
+  std::vector<void*> lists[kSmallMax / 64 + 1];
+  ~SmallCache() {
+    for (auto& l : lists)
+      for (void* p : l) std::free(p);
+  }
+};
+SmallCache& small_cache() {
+  static thread_local SmallCache c;
+  return c;
+}
+
 }  // namespace
 
 namespace allocator {
@@ -44,6 +61,19 @@ namespace allocator {
 void* allocate(std::size_t nbytes) {
   const std::size_t cls = size_class(std::max<std::size_t>(nbytes, 1));
   Cache& c = cache();
+  if (cls <= kSmallMax) {
+    auto& list = small_cache().lists[cls / 64];
+    if (!list.empty()) {
+      void* p = list.back();
+      list.pop_back();
+      c.small_hits.fetch_add(1, std::memory_order_relaxed);
+      return p;
+    }
+    void* p = std::aligned_alloc(kAlignment, cls);
+    if (!p) throw std::bad_alloc();
+    c.small_os.fetch_add(1, std::memory_order_relaxed);
+    return p;
+  }
   {
     std::lock_guard lock(c.mu);
     auto it = c.free.find(cls);
@@ -69,6 +99,14 @@ void* allocate(std::size_t nbytes) {
 void deallocate(void* p, std::size_t nbytes) noexcept {
   if (!p) return;
   const std::size_t cls = size_class(std::max<std::size_t>(nbytes, 1));
+  if (cls <= kSmallMax) {
+    try {
+      small_cache().lists[cls / 64].push_back(p);
+    } catch (...) {
+      std::free(p);
+    }
+    return;
+  }
   Cache& c = cache();
   std::lock_guard lock(c.mu);
   c.stats.bytes_in_use -= cls;
@@ -84,7 +122,10 @@ void deallocate(void* p, std::size_t nbytes) noexcept {
 AllocatorStats stats() {
   Cache& c = cache();
   std::lock_guard lock(c.mu);
-  return c.stats;
+  AllocatorStats s = c.stats;
+  s.cache_hits += c.small_hits.load(std::memory_order_relaxed);
+  s.os_allocations += c.small_os.load(std::memory_order_relaxed);
+  return s;
 }
 
 void empty_cache() {

@@ -11,7 +11,7 @@ namespace chaingrad {
 struct AllocatorStats {
   std::uint64_t os_allocations = 0;   // buffers obtained from the OS (aligned_alloc)
   std::uint64_t cache_hits = 0;       // requests served from the cache
-  std::uint64_t bytes_in_use = 0;     // bytes handed out and not yet returned
+  std::uint64_t bytes_in_use = 0;     // bytes handed out and not yet returned (buffers over 512 bytes)
   std::uint64_t bytes_cached = 0;     // bytes held in the cache, free for reuse
   std::uint64_t peak_bytes_in_use = 0;
 };
