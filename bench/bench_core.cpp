@@ -93,4 +93,29 @@ static void BM_MlpStep(benchmark::State& state) {
 }
 BENCHMARK(BM_MlpStep)->Arg(64)->Arg(256);
 
+// One SGD step of the reference CNN at batch B (conv-relu-pool x2, linear-relu-linear).
+static void BM_CnnStep(benchmark::State& state) {
+  const auto B = state.range(0);
+  cg::Generator g(0);
+  auto param = [&](cg::Dims s, double scale) { return (cg::randn(s, {}, &g) * scale).detach().requires_grad_(); };
+  cg::Tensor c1 = param({32, 1, 3, 3}, 0.3), cb1 = param({32}, 0.01), c2 = param({64, 32, 3, 3}, 0.05),
+             cb2 = param({64}, 0.01), w1 = param({128, 3136}, 0.02), b1 = param({128}, 0.01), w2 = param({10, 128}, 0.1),
+             b2 = param({10}, 0.01);
+  cg::Tensor x = cg::rand({B, 1, 28, 28}, {}, &g);
+  cg::Tensor y = cg::randint(0, 10, {B}, &g);
+  for (auto _ : state) {
+    cg::Tensor h = cg::max_pool2d(cg::relu(cg::conv2d(x, c1, cb1, 1, 1)), 2);
+    h = cg::max_pool2d(cg::relu(cg::conv2d(h, c2, cb2, 1, 1)), 2);
+    cg::Tensor logits = cg::linear(cg::relu(cg::linear(cg::flatten(h, 1), w1, b1)), w2, b2);
+    cg::cross_entropy(logits, y).backward();
+    cg::NoGradGuard ng;
+    for (cg::Tensor* p : {&c1, &cb1, &c2, &cb2, &w1, &b1, &w2, &b2}) {
+      p->add_(p->grad(), -0.01);
+      p->zero_grad();
+    }
+  }
+  state.SetItemsProcessed(state.iterations() * B);
+}
+BENCHMARK(BM_CnnStep)->Arg(64)->Unit(benchmark::kMillisecond);
+
 BENCHMARK_MAIN();

@@ -1,7 +1,8 @@
 // Trains a small convolutional network on Fashion-MNIST with chaingrad's C++ API:
 //   conv 3x3 (32) -> ReLU -> maxpool 2 -> conv 3x3 (64) -> ReLU -> maxpool 2 -> flatten
 //   -> linear 128 -> ReLU -> dropout 0.25 -> linear 10; Adam, lr 1e-3 cosine-annealed to 0.
-// Reaches about 91% test accuracy after 2-3 epochs.
+// Reaches about 91.8% test accuracy in 5 epochs (measured: 88.9, 90.4, 91.0, 91.8, 91.8), at
+// about 1.5 to 2 minutes per epoch on 2 shared cores.
 //
 // usage: fashion_cnn [epochs=5] [batch_size=64] [data_dir=/usr/share/datasets/fashion-mnist]
 #include <chrono>

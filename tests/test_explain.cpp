@@ -618,6 +618,17 @@ TEST(ExplainErrors, SyntaxErrorsPointAtTheCharacter) {
   EXPECT_NE(error_of([] { ex::explain("y = max(x)", options("x=1")); }).find("max takes 2 arguments; got 1"),
             std::string::npos);
   EXPECT_NE(error_of([] { ex::explain("", options("x=1")); }).find("no statements"), std::string::npos);
+  // Bounded nesting and depth: no formula can exhaust the stack.
+  const std::string deep = "y = " + std::string(100000, '(') + "x" + std::string(100000, ')');
+  EXPECT_NE(error_of([&] { ex::explain(deep, options("x=1")); }).find("nested more than 200 levels"),
+            std::string::npos);
+  std::string flat = "y = x";
+  for (int i = 0; i < 5000; ++i) flat += " + x";
+  EXPECT_NE(error_of([&] { ex::explain(flat, options("x=1")); }).find("split it into named steps"),
+            std::string::npos);
+  auto many = options("x=1");
+  many.max_paths = 10000000;
+  EXPECT_NE(error_of([&] { ex::explain("y = x", many); }).find("--max-paths: at most"), std::string::npos);
 }
 
 TEST(ExplainErrors, OneLineErrors) {

@@ -11,7 +11,6 @@
 //                 K best of that operand.
 #include <algorithm>
 #include <cmath>
-#include <iomanip>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -24,6 +23,9 @@ namespace chaingrad::explain {
 using namespace detail;
 
 namespace {
+
+// The k-best search keeps up to max_paths entries per unit: bound it so memory stays small.
+constexpr std::size_t kMaxListedPaths = 1000000;
 
 struct PathEntry {
   double product;
@@ -159,6 +161,8 @@ std::string statement_text(const Program& p, const Statement& s) {
 }  // namespace
 
 Explanation explain(std::string_view formula, const Options& options) {
+  CG_CHECK(options.max_paths <= kMaxListedPaths, ValueError, "--max-paths: at most ", kMaxListedPaths,
+           " paths can be listed; got ", options.max_paths);
   const Program p = parse(formula);
   const Resolved r = resolve(p, options);
   const Graph g = options.expand ? expanded_graph(p, r.output) : named_graph(p, r.output);
@@ -304,7 +308,7 @@ std::string to_text(const Explanation& e) {
           os << "      " << d << " = 1 (the output itself)\n";
         } else if (p.factors.size() == 1) {
           os << "      " << partial_name(p.factors[0].of, p.factors[0].wrt) << " = " << fmt(p.product) << "\n";
-        } else if (p.factors.size() <= 12) {
+        } else if (p.factors.size() <= 20) {
           os << "      ";
           for (std::size_t k = 0; k < p.factors.size(); ++k)
             os << (k ? " · " : "") << partial_name(p.factors[k].of, p.factors[k].wrt);

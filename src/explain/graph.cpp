@@ -40,7 +40,7 @@ std::string html(const std::string& s) {
   return out;
 }
 
-std::string quoted(const std::string& s) {
+std::string dot_string(const std::string& s) {
   std::string out = "\"";
   for (char c : s) {
     if (c == '"') out += '\\';  // names and expressions hold no backslashes; "\\n" stays a DOT line break
@@ -107,7 +107,7 @@ std::string to_dot(std::string_view formula, const Options& options) {
   os << "digraph chaingrad {\n"
      << "  rankdir=LR;\n"
      << "  labelloc=t;\n"
-     << "  label=" << quoted(caption) << ";\n"
+     << "  label=" << dot_string(caption) << ";\n"
      << "  fontname=\"Helvetica\"; fontsize=12;\n"
      << "  node [shape=box, style=\"rounded,filled\", fillcolor=\"#ffffff\", fontname=\"Helvetica\", fontsize=11];\n"
      << "  edge [fontname=\"Helvetica\", fontsize=9, color=\"#666666\", fontcolor=\"#444444\"];\n";
@@ -139,14 +139,14 @@ std::string to_dot(std::string_view formula, const Options& options) {
     const auto local = slot_partials(g, u, ev.values);
     for (std::size_t k = 0; k < ss.size(); ++k) {
       const int w = ss[k].unit;
-      os << "  n" << w << " -> n" << u << " [label=" << quoted(fmt(local[k]));
+      os << "  n" << w << " -> n" << u << " [label=" << dot_string(fmt(local[k]));
       if (on[u] && on[w]) os << ", color=\"" << kHighlight << "\", fontcolor=\"" << kHighlight << "\", penwidth=2";
       os << "];\n";
     }
     if (unit.expr->op != Op::Ref && !is_constant(*unit.expr)) {
       for (const auto& a : unit.expr->args) {
         if (a->op == Op::Ref) continue;
-        os << "  c" << constant_id << " [label=" << quoted(to_string(*a, g.namer()))
+        os << "  c" << constant_id << " [label=" << dot_string(to_string(*a, g.namer()))
            << ", shape=plaintext, style=\"\", fontcolor=\"#777777\"];\n";
         os << "  c" << constant_id << " -> n" << u << " [style=dashed, color=\"#aaaaaa\"];\n";
         ++constant_id;

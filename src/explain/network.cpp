@@ -388,7 +388,7 @@ std::string to_text(const NetworkTrace& t) {
     os << "\n      = ";
     for (std::size_t k = 0; k < p.factors.size(); ++k) {
       const std::string& f = p.factors[k].formula;
-      const bool simple = f.find(' ') == std::string::npos;
+      const bool simple = f.find(' ') == std::string::npos || (f.front() == '[' && f.back() == ']');
       os << (k ? " · " : "") << (simple ? f : "(" + f + ")");
     }
     os << "\n      = ";

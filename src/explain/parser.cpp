@@ -269,6 +269,10 @@ class Parser {
     s.column = name.column;
     current_ = static_cast<int>(p_.statements.size());
     s.expr = expr();
+    if (depth_of(s.expr) > kMaxDepth)
+      throw FormulaError(cat("the statement '", s.name, "' at line ", std::to_string(s.line), " is more than ",
+                             std::to_string(kMaxDepth), " operations deep; split it into named steps"),
+                         s.line, s.column);
     p_.assigned_by[id] = current_;
     p_.statements.push_back(std::move(s));
   }
@@ -293,7 +297,37 @@ class Parser {
     return left;
   }
 
+  // Nesting (parentheses, calls, unary signs, exponents) is bounded so that no formula can
+  // exhaust the stack of this recursive-descent parser or of the recursive walks over a
+  // statement's expression; long flat sums are fine, their depth is checked after parsing.
+  static constexpr int kMaxNesting = 200;
+  static constexpr int kMaxDepth = 2000;
+  struct Nest {
+    Parser& p;
+    explicit Nest(Parser& parser, const Token& at) : p(parser) {
+      if (++p.nesting_ > kMaxNesting)
+        p.syntax_error(at, cat("the expression is nested more than ", std::to_string(kMaxNesting),
+                               " levels deep; give parts of it names"));
+    }
+    ~Nest() { --p.nesting_; }
+    Nest(const Nest&) = delete;
+    Nest& operator=(const Nest&) = delete;
+  };
+
+  static int depth_of(const ExprPtr& root) {  // iterative: the tree may be deep
+    int deepest = 0;
+    std::vector<std::pair<const Expr*, int>> stack{{root.get(), 1}};
+    while (!stack.empty()) {
+      auto [e, d] = stack.back();
+      stack.pop_back();
+      deepest = std::max(deepest, d);
+      for (const auto& a : e->args) stack.push_back({a.get(), d + 1});
+    }
+    return deepest;
+  }
+
   ExprPtr unary() {
+    Nest nest(*this, peek());
     if (peek().kind == Tok::Minus) {
       const Token& op = next();
       return raw(Op::Neg, {unary()}, op.line, op.column);
@@ -441,6 +475,7 @@ class Parser {
   std::unordered_map<std::string, int> ids_;
   std::vector<Use> uses_;
   int current_ = 0;
+  int nesting_ = 0;
 };
 
 }  // namespace

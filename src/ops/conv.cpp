@@ -1,5 +1,7 @@
 // Convolution as im2col + one GEMM, pooling as a reduction over im2col patches. im2col and col2im
 // are each other's adjoints, so every op here is differentiable to any order.
+#include <cmath>
+
 #include "ops/common.hpp"
 
 namespace chaingrad {
@@ -25,7 +27,9 @@ ConvGeometry geometry(const Dims& s, std::int64_t kh, std::int64_t kw, std::int6
   return g;
 }
 
-// kAdd = false: cols <- patches(x). kAdd = true: x += adjoint(cols).
+// kAdjoint = false: cols <- patches(x). kAdjoint = true: x += adjoint(cols).
+// For each kernel offset (i, j) the valid output columns form one contiguous run [lo, hi), so the
+// inner loop is a plain (strided when stride > 1) copy or accumulate with no per-element test.
 template <class T, bool kAdjoint>
 void im2col_kernel(const ConvGeometry& g, T* img, T* cols) {
   const std::int64_t L = g.N * g.Ho * g.Wo;
@@ -33,6 +37,12 @@ void im2col_kernel(const ConvGeometry& g, T* img, T* cols) {
     for (std::int64_t i = 0; i < g.kh; ++i)
       for (std::int64_t j = 0; j < g.kw; ++j) {
         T* row = cols + ((c * g.kh + i) * g.kw + j) * L;
+        const std::int64_t shift = j * g.dil - g.pad;  // iw = ow * stride + shift
+        // lo = first ow with iw >= 0; hi = one past the last ow with iw < W.
+        std::int64_t lo = shift >= 0 ? 0 : (-shift + g.stride - 1) / g.stride;
+        std::int64_t hi = g.W - shift <= 0 ? 0 : (g.W - shift - 1) / g.stride + 1;
+        lo = std::min(lo, g.Wo);
+        hi = std::clamp(hi, lo, g.Wo);
         for (std::int64_t n = 0; n < g.N; ++n) {
           T* plane = img + (n * g.C + c) * g.H * g.W;
           for (std::int64_t oh = 0; oh < g.Ho; ++oh) {
@@ -42,15 +52,19 @@ void im2col_kernel(const ConvGeometry& g, T* img, T* cols) {
               if constexpr (!kAdjoint) std::fill(r, r + g.Wo, T(0));
               continue;
             }
-            const T* src = plane + ih * g.W;
-            for (std::int64_t ow = 0; ow < g.Wo; ++ow) {
-              const std::int64_t iw = ow * g.stride - g.pad + j * g.dil;
-              const bool inside = iw >= 0 && iw < g.W;
-              if constexpr (kAdjoint) {
-                if (inside) const_cast<T*>(src)[iw] += r[ow];
-              } else {
-                r[ow] = inside ? src[iw] : T(0);
-              }
+            T* src = plane + ih * g.W + shift;
+            if constexpr (kAdjoint) {
+              if (g.stride == 1)
+                for (std::int64_t ow = lo; ow < hi; ++ow) src[ow] += r[ow];
+              else
+                for (std::int64_t ow = lo; ow < hi; ++ow) src[ow * g.stride] += r[ow];
+            } else {
+              std::fill(r, r + lo, T(0));
+              if (g.stride == 1)
+                for (std::int64_t ow = lo; ow < hi; ++ow) r[ow] = src[ow];
+              else
+                for (std::int64_t ow = lo; ow < hi; ++ow) r[ow] = src[ow * g.stride];
+              std::fill(r + hi, r + g.Wo, T(0));
             }
           }
         }
@@ -109,18 +123,54 @@ Tensor conv2d(const Tensor& x, const Tensor& weight, const Tensor& bias, std::in
   return contiguous(out);
 }
 
-namespace {
-Tensor pool(const Tensor& x, std::int64_t kernel, std::int64_t stride, bool is_max) {
-  const char* op = is_max ? "max_pool2d" : "avg_pool2d";
+// max_pool2d: each output is the first maximum of its window; the gradient goes to that element
+// (scatter_add through the saved flat indices, so the backward is itself differentiable).
+Tensor max_pool2d(const Tensor& x_in, std::int64_t kernel, std::int64_t stride) {
   if (stride == 0) stride = kernel;
-  const ConvGeometry g = geometry(x.shape(), kernel, kernel, stride, 0, 1, op);
-  const Tensor patches = im2col(reshape(x, {g.N * g.C, 1, g.H, g.W}), kernel, kernel, stride, 0, 1);
-  const Tensor r = is_max ? amax(patches, {0}) : mean(patches, {0});
-  return reshape(r, {g.N, g.C, g.Ho, g.Wo});
+  const ConvGeometry g = geometry(x_in.shape(), kernel, kernel, stride, 0, 1, "max_pool2d");
+  const Tensor x = x_in.is_contiguous() ? x_in : x_in.detach().contiguous();
+  Tensor out = empty({g.N, g.C, g.Ho, g.Wo}, x.dtype());
+  Tensor index = empty({g.N * g.C, g.Ho * g.Wo}, DType::Int64);
+  dispatch_float(x.dtype(), "max_pool2d", [&]<class T>() {
+    const T* px = x.data<T>();
+    T* po = out.data<T>();
+    std::int64_t* pi = index.data<std::int64_t>();
+    for (std::int64_t p = 0; p < g.N * g.C; ++p) {
+      const T* plane = px + p * g.H * g.W;
+      for (std::int64_t oh = 0; oh < g.Ho; ++oh)
+        for (std::int64_t ow = 0; ow < g.Wo; ++ow) {
+          const std::int64_t h0 = oh * stride, w0 = ow * stride;
+          std::int64_t best = h0 * g.W + w0;
+          T bv = plane[best];
+          for (std::int64_t i = 0; i < kernel; ++i) {
+            const T* row = plane + (h0 + i) * g.W + w0;
+            for (std::int64_t j = 0; j < kernel; ++j) {
+              const bool better = row[j] > bv;  // NaN never wins; anomaly mode reports NaNs
+              bv = better ? row[j] : bv;
+              best = better ? (h0 + i) * g.W + w0 + j : best;
+            }
+          }
+          const std::int64_t o = (p * g.Ho + oh) * g.Wo + ow;
+          po[o] = bv;
+          pi[o] = best;
+        }
+    }
+  });
+  if (detail::any_requires_grad({x_in}))
+    record("max_pool2d", {x_in}, out, [shape = x_in.shape(), index, g](const Tensor& gr, const Node&) {
+      const Tensor flat = scatter_add(zeros({g.N * g.C, g.H * g.W}, {.dtype = gr.dtype()}), 1, index,
+                                      reshape(gr, {g.N * g.C, g.Ho * g.Wo}));
+      return GradList{reshape(flat, shape)};
+    });
+  return out;
 }
-}  // namespace
 
-Tensor max_pool2d(const Tensor& x, std::int64_t kernel, std::int64_t stride) { return pool(x, kernel, stride, true); }
-Tensor avg_pool2d(const Tensor& x, std::int64_t kernel, std::int64_t stride) { return pool(x, kernel, stride, false); }
+// avg_pool2d: the mean over im2col patches, a composition.
+Tensor avg_pool2d(const Tensor& x, std::int64_t kernel, std::int64_t stride) {
+  if (stride == 0) stride = kernel;
+  const ConvGeometry g = geometry(x.shape(), kernel, kernel, stride, 0, 1, "avg_pool2d");
+  const Tensor patches = im2col(reshape(x, {g.N * g.C, 1, g.H, g.W}), kernel, kernel, stride, 0, 1);
+  return reshape(mean(patches, {0}), {g.N, g.C, g.Ho, g.Wo});
+}
 
 }  // namespace chaingrad
