@@ -2,7 +2,7 @@
 // of 100,000 ops is fine), dependency counts for readiness, gradient sums at fan-out, broadcast
 // reduction and dtype restoration for every input gradient (pattern 3: the engine owns plumbing).
 #include <algorithm>
-#include <queue>
+#include <memory>
 #include <unordered_map>
 
 #include "chaingrad/autograd.hpp"
@@ -17,9 +17,32 @@ class Engine {
     std::vector<Tensor> results;
   };
 
+  // Work lists reused across calls so a backward allocates nothing once warm; one set per
+  // nesting level, since a hook may itself call backward.
+  struct Scratch {
+    std::vector<Node*> nodes, stack, seeded, heap;
+  };
+  static Scratch& acquire_scratch(int depth) {
+    static thread_local std::vector<std::unique_ptr<Scratch>> pool;
+    while (static_cast<int>(pool.size()) <= depth) pool.push_back(std::make_unique<Scratch>());
+    Scratch& s = *pool[depth];
+    s.nodes.clear();
+    s.stack.clear();
+    s.seeded.clear();
+    s.heap.clear();
+    return s;
+  }
+
   static void run(const std::vector<std::shared_ptr<Node>>& roots, const std::vector<Tensor>& root_grads,
                   const autograd::BackwardOptions& opt, Capture* capture) {
-    std::vector<Node*> nodes;  // every node reached, for scratch reset
+    static thread_local int depth = 0;
+    Scratch& scratch = acquire_scratch(depth);
+    struct DepthGuard {
+      int& d;
+      explicit DepthGuard(int& x) : d(x) { ++d; }
+      ~DepthGuard() { --d; }
+    } depth_guard(depth);
+    std::vector<Node*>& nodes = scratch.nodes;  // every node reached, for scratch reset
     struct Reset {
       std::vector<Node*>& nodes;
       ~Reset() {
@@ -33,7 +56,7 @@ class Engine {
     } reset{nodes};
 
     // 1. Discover the graph and count, for each node, the edges that point into it.
-    std::vector<Node*> stack;
+    std::vector<Node*>& stack = scratch.stack;
     for (const auto& r : roots) {
       if (!r->visited_) {
         r->visited_ = true;
@@ -64,20 +87,25 @@ class Engine {
 
     // 3. Seed the roots' buffers; among nodes of equal readiness the most recent op runs first.
     auto by_sequence = [](const Node* a, const Node* b) { return a->sequence_nr_ < b->sequence_nr_; };
-    std::priority_queue<Node*, std::vector<Node*>, decltype(by_sequence)> ready(by_sequence);
+    std::vector<Node*>& ready = scratch.heap;  // a max-heap on sequence_nr
+    auto push_ready = [&](Node* n) {
+      ready.push_back(n);
+      std::push_heap(ready.begin(), ready.end(), by_sequence);
+    };
     for (std::size_t i = 0; i < roots.size(); ++i) accumulate(*roots[i], root_grads[i], opt);
-    std::vector<Node*> seeded;
+    std::vector<Node*>& seeded = scratch.seeded;
     for (const auto& r : roots) {
       if (r->dependencies_ == 0 && std::find(seeded.begin(), seeded.end(), r.get()) == seeded.end()) {
-        ready.push(r.get());
+        push_ready(r.get());
         seeded.push_back(r.get());
       }
     }
 
     EnableGradGuard grad_mode(opt.create_graph);
     while (!ready.empty()) {
-      Node* node = ready.top();
-      ready.pop();
+      std::pop_heap(ready.begin(), ready.end(), by_sequence);
+      Node* node = ready.back();
+      ready.pop_back();
       Tensor grad = std::move(node->input_buffer_);
       node->input_buffer_ = Tensor();
 
@@ -114,7 +142,7 @@ class Engine {
           if (next->input_buffer_.defined() && opt.observer) opt.observer->on_accumulate(*next, next->input_buffer_, g);
           accumulate(*next, std::move(g), opt);
         }
-        if (--next->dependencies_ == 0) ready.push(next);
+        if (--next->dependencies_ == 0) push_ready(next);
       }
     }
   }

@@ -25,6 +25,12 @@ Tensor unary_map(const Tensor& x, const char* op, F f) {
 // out = f(a, b) elementwise with broadcasting and promotion; float dtypes only.
 template <class F>
 Tensor binary_map(const Tensor& a, const Tensor& b, const char* op, F f) {
+  if (a.defined() && b.defined() && a.dtype() == b.dtype() && is_floating(a.dtype()) && a.shape() == b.shape()) {
+    // Same shape and dtype (the common case, and all of the scalar workload): no broadcast views.
+    Tensor out = empty(a.shape(), a.dtype());
+    dispatch_float(a.dtype(), op, [&]<class T>() { kernels::map_binary<T>(a, b, out.data<T>(), f); });
+    return out;
+  }
   BroadcastPair p = broadcast_pair(a, b, op);
   Tensor out = empty(p.shape, p.dtype);
   dispatch_float(p.dtype, op, [&]<class T>() { kernels::map_binary<T>(p.a, p.b, out.data<T>(), f); });
