@@ -22,11 +22,12 @@
 #include <string>
 #include <vector>
 
+#include "chaingrad/small_vector.hpp"
 #include "chaingrad/tensor.hpp"
 
 namespace chaingrad {
 
-using GradList = std::vector<Tensor>;
+using GradList = SmallVector<Tensor, 3>;
 
 class SavedTensor {
  public:
@@ -72,8 +73,10 @@ class Node : public std::enable_shared_from_this<Node> {
 
   std::size_t num_inputs() const { return next_edges_.size(); }
   bool needs_grad(std::size_t i) const { return next_edges_[i] != nullptr; }
-  const std::vector<std::shared_ptr<Node>>& next_edges() const { return next_edges_; }
-  const std::vector<InputMeta>& input_meta() const { return input_meta_; }
+  using Edges = SmallVector<std::shared_ptr<Node>, 3>;
+  using InputMetas = SmallVector<InputMeta, 3>;
+  const Edges& next_edges() const { return next_edges_; }
+  const InputMetas& input_meta() const { return input_meta_; }
   std::uint64_t sequence_nr() const { return sequence_nr_; }
   bool released() const { return released_; }
   // Output's shape and dtype, recorded at creation.
@@ -87,8 +90,8 @@ class Node : public std::enable_shared_from_this<Node> {
  protected:
   friend class Engine;
   friend void detail::record_node(const std::shared_ptr<Node>&, std::span<const Tensor>, Tensor&);
-  std::vector<std::shared_ptr<Node>> next_edges_;
-  std::vector<InputMeta> input_meta_;
+  Edges next_edges_;
+  InputMetas input_meta_;
   InputMeta output_meta_{};
   std::vector<GradHook> pre_hooks_;
   std::string label_;
