@@ -19,8 +19,13 @@ int main(int argc, char** argv) {
   add_bench_command(app);
   try {
     app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
+  } catch (const CLI::Success& e) {  // --help, --version
     return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::cerr << "error: " << e.what() << " (see --help)\n";
+    return e.get_exit_code() != 0 ? e.get_exit_code() : 1;
   } catch (const chaingrad::Error& e) {
     std::fflush(stdout);
     std::cerr << "error: " << e.what() << "\n";

@@ -178,7 +178,7 @@ void Module::load_state_dict(const NamedTensors& state, bool strict) {
     }
   }
   for (const auto& [name, t] : state)
-    if (!std::any_of(own.begin(), own.end(), [&](const auto& kv) { return kv.first == name; }))
+    if (!std::any_of(own.begin(), own.end(), [&name = name](const auto& kv) { return kv.first == name; }))
       unexpected.push_back(name);
 
   const bool fail = !mismatched.empty() || (strict && (!missing.empty() || !unexpected.empty()));
