@@ -1,9 +1,17 @@
 #pragma once
 // The whole public API.
 #include "chaingrad/autograd.hpp"
+#include "chaingrad/data.hpp"
+#include "chaingrad/distributed.hpp"
 #include "chaingrad/dtype.hpp"
 #include "chaingrad/error.hpp"
+#include "chaingrad/explain.hpp"
+#include "chaingrad/gradflow.hpp"
+#include "chaingrad/io.hpp"
+#include "chaingrad/nn.hpp"
 #include "chaingrad/ops.hpp"
+#include "chaingrad/optim.hpp"
+#include "chaingrad/report.hpp"
 #include "chaingrad/shape.hpp"
 #include "chaingrad/storage.hpp"
 #include "chaingrad/tensor.hpp"
