@@ -125,6 +125,8 @@ std::vector<OpCase> build() {
   add_case({"conv2d", {{1, 2, 6, 6}, {2, 2, 3, 3}}, [](V x) { return conv2d(x[0], x[1], {}, 2, 1, 2); }, -2, 2, {},
             true, "stride 2, dilation 2"});
   add_case({"max_pool2d", {{2, 2, 4, 4}}, [](V x) { return max_pool2d(x[0], 2); }});
+  add_case({"max_pool2d", {{1, 2, 5, 5}}, [](V x) { return max_pool2d(x[0], 3, 2); }, -2, 2, {}, true,
+            "3x3 windows, stride 2 (overlapping; the general kernel)"});
   add_case({"avg_pool2d", {{1, 2, 4, 6}}, [](V x) { return avg_pool2d(x[0], 2); }});
   return r;
 }

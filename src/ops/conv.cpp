@@ -137,6 +137,20 @@ Tensor max_pool2d(const Tensor& x_in, std::int64_t kernel, std::int64_t stride) 
     std::int64_t* pi = index.data<std::int64_t>();
     for (std::int64_t p = 0; p < g.N * g.C; ++p) {
       const T* plane = px + p * g.H * g.W;
+      if (kernel == 2 && stride == 2) {  // the common case, unrolled
+        for (std::int64_t oh = 0; oh < g.Ho; ++oh)
+          for (std::int64_t ow = 0; ow < g.Wo; ++ow) {
+            const std::int64_t k0 = 2 * oh * g.W + 2 * ow, k1 = k0 + 1, k2 = k0 + g.W, k3 = k2 + 1;
+            std::int64_t best = k0;
+            best = plane[k1] > plane[best] ? k1 : best;
+            best = plane[k2] > plane[best] ? k2 : best;
+            best = plane[k3] > plane[best] ? k3 : best;
+            const std::int64_t o = (p * g.Ho + oh) * g.Wo + ow;
+            po[o] = plane[best];
+            pi[o] = best;
+          }
+        continue;
+      }
       for (std::int64_t oh = 0; oh < g.Ho; ++oh)
         for (std::int64_t ow = 0; ow < g.Wo; ++ow) {
           const std::int64_t h0 = oh * stride, w0 = ow * stride;

@@ -43,6 +43,19 @@ void scatter_add_into(T* out, const Dims& out_shape, int dim, const Tensor& inde
   const T* ps = s.data<T>();
   const std::int64_t* pi = index.data<std::int64_t>();
   const Dims& is = index.shape();
+  if (is.size() == 2 && dim == 1) {  // rows scatter independently (max_pool2d's backward)
+    const std::int64_t rows = is[0], cols = is[1], width = out_shape[1];
+    for (std::int64_t r = 0; r < rows; ++r) {
+      T* o = out + r * width;
+      const std::int64_t* ir = pi + r * cols;
+      const T* sr = ps + r * cols;
+      for (std::int64_t j = 0; j < cols; ++j) {
+        check_range(ir[j], width, "scatter_add", r * cols + j);
+        o[ir[j]] += sr[j];
+      }
+    }
+    return;
+  }
   std::int64_t idx[kMaxDims] = {};
   for (std::int64_t k = 0, n = index.numel(); k < n; ++k) {
     std::int64_t off = 0;
