@@ -804,4 +804,42 @@ TEST(ExplainCli, ExplainAndGraphCommands) {
   EXPECT_NE(out.find("digraph chaingrad"), std::string::npos);
 }
 
+// explain --model: one weight of an MLP that `train` wrote, on one test image; the sum over all
+// paths must equal autograd's gradient for that element.
+TEST(ExplainCli, OneWeightOfATrainedNetwork) {
+  const std::string exe = std::string(CHAINGRAD_BINARY_DIR) + "/chaingrad";
+  if (!std::filesystem::exists(exe)) GTEST_SKIP() << "the chaingrad CLI is not built";
+  if (!std::filesystem::exists("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"))
+    GTEST_SKIP() << "dataset-fashion-mnist is not installed";
+  const auto dir = std::filesystem::temp_directory_path() / ("cg-explain-model-" + std::to_string(::getpid()));
+  auto run = [&](const std::string& args, std::string& out) {
+    FILE* p = ::popen((exe + " " + args + " 2>/dev/null").c_str(), "r");
+    out.clear();
+    char buf[4096];
+    std::size_t n;
+    while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+    const int status = ::pclose(p);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  };
+  std::string out;
+  ASSERT_EQ(run("train --model 'linear(16) sigmoid linear(12) tanh linear(10)' --epochs 1 --batch-size 256 --json --out " +
+                    dir.string(),
+                out),
+            0)
+      << out;
+  for (const std::string param : {"0.weight[3,400]", "2.weight[5,7]", "4.bias[2]"}) {
+    ASSERT_EQ(run("explain --model " + (dir / "last.safetensors").string() + " --param '" + param +
+                      "' --input 3 --top 4 --json",
+                  out),
+              0)
+        << out;
+    const auto j = nlohmann::json::parse(out);
+    const double autograd = j["autograd"], paths = j["sum_over_paths"];
+    EXPECT_NEAR(paths, autograd, 1e-12 + 1e-9 * std::abs(autograd)) << param;
+    EXPECT_NE(autograd, 0.0) << param;
+  }
+  EXPECT_EQ(run("explain --model " + (dir / "last.safetensors").string() + " --param '9.weight[0,0]'", out), 1);
+  std::filesystem::remove_all(dir);
+}
+
 }  // namespace
