@@ -335,3 +335,11 @@ TEST(Numerics, StableAtExtremes) {
   EXPECT_NEAR(cg::bce_with_logits(x, cg::tensor({1.0, 0.0}, false, cg::DType::Float32)).item(), 1000.0, 1e-3);
   EXPECT_DOUBLE_EQ(cg::var(cg::full({5}, 3.0)).item(), 0.0);
 }
+
+TEST(Numerics, PowWithTensorExponentAtZeroBase) {
+  // d(x^e)/de = x^e log x is taken as 0 at x = 0 (x^e is constant in e there for e > 0).
+  Tensor x = s(0.0, true), e = s(2.0, true);
+  cg::pow(x, e).backward();
+  EXPECT_DOUBLE_EQ(e.grad().item(), 0.0);
+  EXPECT_DOUBLE_EQ(x.grad().item(), 0.0);
+}

@@ -207,6 +207,8 @@ void expect_matches_one_process(const RunConfig& c, int world, const fs::path& s
 // gradients of the default MLP and of the CNN. Rank 0 prints medians and minima.
 void bench_allreduce(int rank, int world) {
   using Clock = std::chrono::steady_clock;
+  const std::string parts = env_or("CG_BENCH", "all");  // all | allreduce | steps
+  if (parts != "steps") {
   if (rank == 0)
     std::printf("allreduce (MPI_SUM, float32, in place), %d ranks\n%12s %12s %12s %12s %14s\n", world, "bytes",
                 "median us", "min us", "algbw GB/s", "busbw GB/s");
@@ -242,15 +244,72 @@ void bench_allreduce(int rank, int world) {
         const auto t0 = Clock::now();
         sync.synchronize();
         if (i >= 3) times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+        if (i == 2) sync.reset_stats();
       }
       std::sort(times.begin(), times.end());
       double total = 0;
       for (std::size_t b : sync.bucket_bytes()) total += static_cast<double>(b);
       if (rank == 0)
         std::printf("GradientSynchronizer %s: %.3f MB in %zu bucket(s) of <= %.2f MB: median %.1f us, min %.1f us "
-                    "(%.3f GB/s)\n",
+                    "(%.3f GB/s); of which copying %.1f us\n",
                     label, total / 1e6, sync.num_buckets(), mb, times[times.size() / 2] * 1e6, times[0] * 1e6,
-                    total / times[times.size() / 2] / 1e9);
+                    total / times[times.size() / 2] / 1e9,
+                    sync.stats().copy_seconds / static_cast<double>(sync.stats().steps) * 1e6);
+    }
+  }
+  }
+  if (parts == "allreduce") return;
+  // One SGD step (forward, backward, gradient averaging, update) at batch CG_BATCH per rank on
+  // random Fashion-MNIST-shaped data, 1 thread per rank: the step without any averaging (what
+  // the rank's compute costs while the other rank computes too), with one 25 MB bucket, with
+  // 0.25 MB buckets, and with 0.25 MB buckets started from the gradient hooks (overlap).
+  cg::set_num_threads(1);
+  const std::int64_t batch = std::atoll(env_or("CG_BATCH", "64"));
+  cg::Generator gen(static_cast<std::uint64_t>(rank) + 1);
+  const cg::Tensor x = cg::randn({batch, 1, 28, 28}, {}, &gen);
+  const cg::Tensor y = cg::randint(0, 10, {batch}, &gen);
+  for (const auto& [label, spec] : {std::pair<const char*, const char*>{"mlp", "linear(256) relu linear(256) relu linear(10)"},
+                                    {"cnn", "conv2d(32,3,pad=1) relu maxpool2d(2) conv2d(64,3,pad=1) relu maxpool2d(2) "
+                                            "flatten linear(128) relu linear(10)"}}) {
+    const int steps = std::string(label) == "mlp" ? 200 : 30;
+    struct Variant {
+      const char* name;
+      bool sync;
+      double mb;
+      bool overlap;
+    };
+    for (const Variant v : {Variant{"no averaging", false, 25, false}, Variant{"1 bucket", true, 25, false},
+                            Variant{"0.25 MB buckets", true, 0.25, false},
+                            Variant{"0.25 MB buckets + overlap", true, 0.25, true}, Variant{"no averaging", false, 25, false}}) {
+      auto model = cg::nn::build_model(spec, cg::Dims{1, 28, 28}, 0);
+      cg::optim::SGD opt(model->parameters(), {.lr = 0.01, .momentum = 0.9});
+      std::unique_ptr<dist::GradientSynchronizer> sync;
+      if (v.sync)
+        sync = std::make_unique<dist::GradientSynchronizer>(
+            model->parameters(), dist::GradientSynchronizerOptions{.bucket_bytes = static_cast<std::size_t>(v.mb * 1e6),
+                                                                   .overlap = v.overlap});
+      std::vector<double> times;
+      dist::barrier();
+      for (int i = 0; i < steps + 3; ++i) {
+        const auto t0 = Clock::now();
+        opt.zero_grad();
+        if (sync) sync->prepare();
+        cg::cross_entropy((*model)(x), y).backward();
+        if (sync) sync->finish();
+        opt.step();
+        if (i >= 3) times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+        if (i == 2 && sync) sync->reset_stats();
+      }
+      std::sort(times.begin(), times.end());
+      if (rank == 0)
+        std::printf("step %s, batch %lld per rank, %s: median %.3f ms, min %.3f ms%s\n", label,
+                    static_cast<long long>(batch), v.name, times[times.size() / 2] * 1e3, times[0] * 1e3,
+                    sync ? (", waiting " + std::to_string(sync->stats().wait_seconds / sync->stats().steps * 1e3).substr(0, 5) +
+                            " ms, copying " + std::to_string(sync->stats().copy_seconds / sync->stats().steps * 1e3).substr(0, 5) +
+                            " ms, hooks " + std::to_string(sync->stats().hook_seconds / sync->stats().steps * 1e3).substr(0, 5) +
+                            " ms (means)")
+                               .c_str()
+                         : "");
     }
   }
 }

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "chaingrad/chaingrad.hpp"
+#include "chaingrad/data.hpp"
 #include "chaingrad/io.hpp"
 #include "chaingrad/nn.hpp"
 #include "chaingrad/optim.hpp"
@@ -113,6 +114,10 @@ class Child {
       : out_path_(log_prefix + ".out"), err_path_(log_prefix + ".err") {
     std::vector<std::string> argv_s{kCli};
     argv_s.insert(argv_s.end(), args.begin(), args.end());
+    // Everything the child needs is built before fork: other threads may hold malloc's lock.
+    std::vector<char*> argv;
+    for (auto& a : argv_s) argv.push_back(a.data());
+    argv.push_back(nullptr);
     pid_ = ::fork();
     if (pid_ == 0) {
       const int in = ::open("/dev/null", O_RDONLY);
@@ -121,10 +126,7 @@ class Child {
       ::dup2(in, 0);
       ::dup2(out, 1);
       ::dup2(err, 2);
-      std::vector<char*> argv;
-      for (auto& a : argv_s) argv.push_back(a.data());
-      argv.push_back(nullptr);
-      ::execv(kCli.c_str(), argv.data());
+      ::execv(argv[0], argv.data());
       ::_exit(127);
     }
   }
@@ -213,7 +215,8 @@ long long step_of(const std::string& path) {
 
 std::vector<std::string> temp_files(const std::string& dir) {
   std::vector<std::string> out;
-  for (const auto& e : fs::directory_iterator(dir))
+  std::error_code ec;  // a run killed early may not have made its folder yet
+  for (const auto& e : fs::directory_iterator(dir, ec))
     if (e.path().filename().string().find(".tmp.") != std::string::npos) out.push_back(e.path().string());
   return out;
 }
@@ -686,6 +689,35 @@ TEST_P(Extremes, VarAndStdOfConstantData) {
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, Extremes, ::testing::Values(cg::DType::Float32, cg::DType::Float64),
                          [](const auto& info) { return std::string(cg::dtype_name(info.param)); });
+
+// ================================================================ found by the fuzzers
+
+// fuzz_idx's first find: an IDX file with a zero dimension loads as an empty tensor, and
+// to_vector() of an empty tensor passed nullptr to memcpy (undefined even for 0 bytes; UBSan
+// reports it). The sanitizer build of this test holds it.
+TEST(FuzzFinds, ToVectorOfAnEmptyTensor) {
+  EXPECT_TRUE(cg::empty({0}, cg::DType::Float32).to_vector<float>().empty());
+  EXPECT_TRUE(cg::empty({3, 0}, cg::DType::Float64).to_vector<double>().empty());
+  EXPECT_TRUE(cg::empty({0}, cg::DType::Int64).to_vector<std::int64_t>().empty());
+}
+
+// A zero dimension makes the element count 0, so the byte-range checks pass, but the other
+// dimensions' product (the strides) overflows int64: signed overflow, undefined. Readers must
+// reject such shapes (found by fuzz_idx; the same holds for safetensors).
+TEST(FuzzFinds, ZeroDimensionBesideHugeOnesIsRejected) {
+  TempDir dir;
+  std::string idx{'\0', '\0', '\x08', '\x04'};
+  for (std::uint32_t d : {0u, 1u << 30, 1u << 30, 1u << 30})
+    for (int k = 3; k >= 0; --k) idx += static_cast<char>((d >> (8 * k)) & 0xff);
+  write_all(dir.file("huge.idx"), idx);
+  EXPECT_THROW((void)cg::data::read_idx_images(dir.file("huge.idx")), cg::Error);
+
+  const std::string header = R"({"z":{"dtype":"F32","shape":[0,1099511627776,1099511627776],"data_offsets":[0,0]}})";
+  std::string st(8, '\0');
+  for (int k = 0; k < 8; ++k) st[k] = static_cast<char>((header.size() >> (8 * k)) & 0xff);
+  write_all(dir.file("huge.safetensors"), st + header);
+  EXPECT_THROW((void)cg::io::load_safetensors(dir.file("huge.safetensors")), cg::Error);
+}
 
 // ================================================================ CLI error lines
 

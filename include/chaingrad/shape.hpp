@@ -58,7 +58,9 @@ class Dims {
   }
   std::int64_t numel() const {
     std::int64_t p = 1;
-    for (int i = 0; i < n_; ++i) p *= v_[i];
+    for (int i = 0; i < n_; ++i)
+      if (__builtin_mul_overflow(p, v_[i], &p)) [[unlikely]]
+        detail::throw_error<ShapeError>("a tensor shape has more elements than int64 can count");
     return p;
   }
   std::vector<std::int64_t> vec() const { return {begin(), end()}; }
@@ -88,10 +90,16 @@ inline std::string to_string(const Dims& d) {
   return os.str();
 }
 
-// Contiguous (row-major) strides for a shape.
+// Contiguous (row-major) strides for a shape. A shape whose strides do not fit in int64 (possible
+// even with zero elements, e.g. [0, 2^40, 2^40] from a hostile file) is a ShapeError.
 inline Dims contiguous_strides(const Dims& shape) {
   Dims s = Dims::filled(shape.size(), 1);
-  for (int i = shape.size() - 2; i >= 0; --i) s[i] = s[i + 1] * std::max<std::int64_t>(shape[i + 1], 1);
+  for (int i = shape.size() - 2; i >= 0; --i) {
+    std::int64_t v = 0;
+    if (__builtin_mul_overflow(s[i + 1], std::max<std::int64_t>(shape[i + 1], 1), &v)) [[unlikely]]
+      detail::throw_error<ShapeError>("shape ", shape, ": too many elements to index with int64");
+    s[i] = v;
+  }
   return s;
 }
 

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
@@ -159,6 +160,11 @@ void abort_all(const std::string& message, int exit_code) {
                 processor_name() + ", pid " + std::to_string(::getpid()) + "): " + message +
                 "\nerror: rank " + std::to_string(rank()) + " is ending all " + std::to_string(world_size()) +
                 " ranks\n");
+    // An error every rank hits at once (a missing file) would make every rank call MPI_Abort
+    // together; ranks other than 0 give rank 0 a moment to abort first (which ends them too), so
+    // that mpirun reports one abort. (Open MPI 4.1.4 sometimes replaces its MPI_ABORT banner by
+    // "ORTE_ERROR_LOG: Data unpack ... show_help.c", even for a single abort: harmless noise.)
+    if (rank() != 0) std::this_thread::sleep_for(std::chrono::milliseconds(300));
     MPI_Abort(MPI_COMM_WORLD, exit_code);
   } else {
     write_error("error: " + message + "\n");

@@ -76,7 +76,8 @@ Tensor pow(const Tensor& x, double p) {
   return out;
 }
 
-// d(x^e)/dx = e x^(e-1), d(x^e)/de = x^e log x
+// d(x^e)/dx = e x^(e-1), d(x^e)/de = x^e log x (taken as 0 at x = 0, where x^e is 0 or 1 for
+// every e >= 0, as PyTorch does)
 Tensor pow(const Tensor& x, const Tensor& e) {
   Tensor out = binary_map(x, e, "pow", [](auto a, auto b) { return static_cast<decltype(a)>(std::pow(a, b)); });
   if (detail::any_requires_grad({x, e}))
@@ -85,7 +86,10 @@ Tensor pow(const Tensor& x, const Tensor& e) {
                                                                                                  const Node& self) {
              const Tensor xv = sx.unpack(self), ev = se.unpack(self);
              return GradList{self.needs_grad(0) ? mul(g, mul(ev, pow(xv, sub(ev, scalar_like(ev, 1.0))))) : Tensor(),
-                             self.needs_grad(1) ? mul(g, mul(so.unpack(self), log(xv))) : Tensor()};
+                             self.needs_grad(1)
+                                 ? mul(g, where(eq(xv, scalar_like(xv, 0.0)), scalar_like(xv, 0.0),
+                                                mul(so.unpack(self), log(xv))))
+                                 : Tensor()};
            });
   return out;
 }

@@ -5,6 +5,7 @@
 namespace chaingrad::kernels {
 
 void copy_to(const Tensor& src, void* dst, DType dst_dtype) {
+  if (src.numel() == 0) return;  // dst may be null: memcpy must not see it
   if (src.dtype() == dst_dtype && src.is_contiguous()) {
     std::memcpy(dst, src.raw_data(), src.numel() * element_size(dst_dtype));
     return;
