@@ -776,19 +776,23 @@ TEST(ExplainNetwork, BadInput) {
 }
 
 // ---------------------------------------------------------------- the CLI, when it is built
+const std::string kCliExe = std::string(CHAINGRAD_BINARY_DIR) + "/chaingrad";
+
+// Runs the CLI with `args`; returns its exit status and leaves stdout (and stderr when asked) in `out`.
+int run_cli(const std::string& args, std::string& out, bool with_stderr = true) {
+  const std::string cmd = kCliExe + " " + args + (with_stderr ? " 2>&1" : " 2>/dev/null");
+  FILE* p = ::popen(cmd.c_str(), "r");
+  out.clear();
+  char buf[4096];
+  std::size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  const int status = ::pclose(p);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
 TEST(ExplainCli, ExplainAndGraphCommands) {
-  const std::string exe = std::string(CHAINGRAD_BINARY_DIR) + "/chaingrad";
-  if (!std::filesystem::exists(exe)) GTEST_SKIP() << "the chaingrad CLI is not built";
-  auto run = [&](const std::string& args, std::string& out) {
-    const std::string cmd = exe + " " + args + " 2>&1";
-    FILE* p = ::popen(cmd.c_str(), "r");
-    out.clear();
-    char buf[4096];
-    std::size_t n;
-    while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-    const int status = ::pclose(p);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  };
+  if (!std::filesystem::exists(kCliExe)) GTEST_SKIP() << "the chaingrad CLI is not built";
+  auto run = [](const std::string& args, std::string& out) { return run_cli(args, out); };
   std::string out;
   EXPECT_EQ(run(std::string("explain '") + kSeed + "' --at " + kSeedAt + " --wrt w1", out), 0) << out;
   EXPECT_NE(out.find("∂z1/∂w1 = x"), std::string::npos) << out;
@@ -807,20 +811,11 @@ TEST(ExplainCli, ExplainAndGraphCommands) {
 // explain --model: one weight of an MLP that `train` wrote, on one test image; the sum over all
 // paths must equal autograd's gradient for that element.
 TEST(ExplainCli, OneWeightOfATrainedNetwork) {
-  const std::string exe = std::string(CHAINGRAD_BINARY_DIR) + "/chaingrad";
-  if (!std::filesystem::exists(exe)) GTEST_SKIP() << "the chaingrad CLI is not built";
+  if (!std::filesystem::exists(kCliExe)) GTEST_SKIP() << "the chaingrad CLI is not built";
   if (!std::filesystem::exists("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"))
     GTEST_SKIP() << "dataset-fashion-mnist is not installed";
   const auto dir = std::filesystem::temp_directory_path() / ("cg-explain-model-" + std::to_string(::getpid()));
-  auto run = [&](const std::string& args, std::string& out) {
-    FILE* p = ::popen((exe + " " + args + " 2>/dev/null").c_str(), "r");
-    out.clear();
-    char buf[4096];
-    std::size_t n;
-    while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-    const int status = ::pclose(p);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  };
+  auto run = [](const std::string& args, std::string& out) { return run_cli(args, out, /*with_stderr=*/false); };
   std::string out;
   ASSERT_EQ(run("train --model 'linear(16) sigmoid linear(12) tanh linear(10)' --epochs 1 --batch-size 256 --json --out " +
                     dir.string(),
