@@ -2,6 +2,8 @@
 // Dropout, initializers, load_state_dict, describe(), and the model spec.
 #include <gtest/gtest.h>
 
+#include "test_util.hpp"
+
 #include <cmath>
 #include <string>
 #include <string_view>
@@ -18,17 +20,7 @@ using cg::Tensor;
 
 namespace {
 
-template <class E = cg::Error, class F>
-void expect_error(F&& f, std::initializer_list<std::string_view> words) {
-  try {
-    f();
-    ADD_FAILURE() << "expected an exception; none was thrown";
-  } catch (const E& e) {
-    const std::string msg = e.what();
-    for (std::string_view w : words)
-      EXPECT_NE(msg.find(w), std::string::npos) << "message: " << msg << "\n   lacks: " << w;
-  }
-}
+using chaingrad::testing::expect_error;
 
 std::vector<std::string> names_of(const nn::NamedTensors& v) {
   std::vector<std::string> out;

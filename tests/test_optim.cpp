@@ -2,6 +2,8 @@
 // save/restore, learning-rate schedules, gradient clipping, and convergence on XOR.
 #include <gtest/gtest.h>
 
+#include "test_util.hpp"
+
 #include <cmath>
 #include <memory>
 #include <string>
@@ -20,17 +22,7 @@ using cg::Tensor;
 
 namespace {
 
-template <class E = cg::Error, class F>
-void expect_error(F&& f, std::initializer_list<std::string_view> words) {
-  try {
-    f();
-    ADD_FAILURE() << "expected an exception; none was thrown";
-  } catch (const E& e) {
-    const std::string msg = e.what();
-    for (std::string_view w : words)
-      EXPECT_NE(msg.find(w), std::string::npos) << "message: " << msg << "\n   lacks: " << w;
-  }
-}
+using chaingrad::testing::expect_error;
 
 // A float64 parameter holding `values`.
 Tensor param(std::initializer_list<double> values) { return cg::tensor(values, /*requires_grad=*/true); }
