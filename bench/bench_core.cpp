@@ -91,7 +91,7 @@ static void BM_MlpStep(benchmark::State& state) {
   }
   state.SetItemsProcessed(state.iterations() * B);
 }
-BENCHMARK(BM_MlpStep)->Arg(64)->Arg(256);
+BENCHMARK(BM_MlpStep)->Arg(64)->Arg(256)->Arg(1024);
 
 // One SGD step of the reference CNN at batch B (conv-relu-pool x2, linear-relu-linear).
 static void BM_CnnStep(benchmark::State& state) {

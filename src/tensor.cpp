@@ -1,7 +1,5 @@
 #include "chaingrad/tensor.hpp"
 
-#include <cblas.h>
-
 #include <cmath>
 #include <cstring>
 #include <iomanip>
@@ -481,19 +479,5 @@ Tensor randperm(std::int64_t n, Generator* gen) {
   for (std::int64_t i = n - 1; i > 0; --i) std::swap(p[i], p[g.next_u64() % static_cast<std::uint64_t>(i + 1)]);
   return t;
 }
-
-// ---------------------------------------------------------------- threads
-namespace {
-int& thread_count() {
-  static int n = openblas_get_num_threads();
-  return n;
-}
-}  // namespace
-void set_num_threads(int n) {
-  CG_CHECK(n >= 1, ValueError, "set_num_threads: expected at least 1 thread; got ", n);
-  openblas_set_num_threads(n);
-  thread_count() = n;
-}
-int get_num_threads() { return thread_count(); }
 
 }  // namespace chaingrad

@@ -1,23 +1,151 @@
 #include "kernels/cpu/gemm.hpp"
 
 #include <cblas.h>
+#include <dlfcn.h>
+#include <dnnl.h>
+
+#include <algorithm>
+#include <mutex>
+
+#include "chaingrad/error.hpp"
+#include "kernels/cpu/parallel.hpp"
+
+// float32 products go to oneDNN's sgemm: its JIT kernels use AVX-512 where the CPU has it, whatever
+// OPENBLAS_CORETYPE says, and on this project's MLP shapes they run 1.2-2.5x faster than OpenBLAS's
+// (BENCHMARKS.md, "Matrix products"). float64 has no oneDNN kernel and stays on OpenBLAS.
+// Both libraries run single-threaded; the product is cut into one block per thread of chaingrad's
+// own pool, so no library pool spins against another's.
 
 namespace chaingrad::kernels {
+namespace {
+
+// Below this many flops a product runs on the calling thread: waking a worker costs about what
+// half of such a product does.
+constexpr double kMinParallelFlops = 1 << 20;
+// Column blocks are cut at multiples of a cache line of floats, so no two threads write one line.
+constexpr std::int64_t kColumnAlign = 16;
+
+// oneDNN (built on OpenMP) sizes each sgemm by the calling thread's OpenMP thread count. Each call
+// here is one block of a product that chaingrad already split, so it must run on one thread; the
+// count is set around the call and put back, leaving the user's own OpenMP setting alone. The
+// functions are looked up at run time because chaingrad itself is not built with OpenMP.
+struct OpenMpControl {
+  int (*get_max_threads)() = nullptr;
+  void (*set_num_threads)(int) = nullptr;
+};
+
+const OpenMpControl& openmp() {
+  static const OpenMpControl c = [] {
+    OpenMpControl r;
+    r.get_max_threads = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "omp_get_max_threads"));
+    r.set_num_threads = reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "omp_set_num_threads"));
+    if (!r.get_max_threads || !r.set_num_threads) r = {};
+    return r;
+  }();
+  return c;
+}
+
+class SingleThreadedOpenMp {
+ public:
+  SingleThreadedOpenMp() {
+    if (openmp().get_max_threads) {
+      saved_ = openmp().get_max_threads();
+      if (saved_ != 1) openmp().set_num_threads(1);
+    }
+  }
+  ~SingleThreadedOpenMp() {
+    if (saved_ > 1) openmp().set_num_threads(saved_);
+  }
+  SingleThreadedOpenMp(const SingleThreadedOpenMp&) = delete;
+  SingleThreadedOpenMp& operator=(const SingleThreadedOpenMp&) = delete;
+
+ private:
+  int saved_ = 1;
+};
+
+void make_openblas_single_threaded() {
+  static std::once_flag once;
+  std::call_once(once, [] { openblas_set_num_threads(1); });
+}
+
+void serial_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,
+                 std::int64_t lda, const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
+  SingleThreadedOpenMp one_thread;
+  const dnnl_status_t st =
+      dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  CG_CHECK(st == dnnl_success, InternalError, "gemm: oneDNN sgemm failed with status ", static_cast<int>(st),
+           " for m=", m, " n=", n, " k=", k);
+}
+
+void serial_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, double alpha, const double* a,
+                 std::int64_t lda, const double* b, std::int64_t ldb, double beta, double* c, std::int64_t ldc) {
+  make_openblas_single_threaded();
+  cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, static_cast<int>(m),
+              static_cast<int>(n), static_cast<int>(k), alpha, a, static_cast<int>(lda), b, static_cast<int>(ldb), beta,
+              c, static_cast<int>(ldc));
+}
+
+// C = alpha op(A) op(B) + beta C, cut into row or column blocks of C, one per thread. Every block
+// is an independent product over the full k, so the result is the same for any thread count as
+// long as the library's kernel is (it is, for these two).
+template <class T>
+void split_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* a, std::int64_t lda,
+                const T* b, std::int64_t ldb, T beta, T* c, std::int64_t ldc) {
+  const double flops = 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
+  const int threads = flops < kMinParallelFlops ? 1 : num_threads();
+  const bool by_rows = m >= n;
+  const std::int64_t extent = by_rows ? m : n, align = by_rows ? 1 : kColumnAlign;
+  const std::int64_t units = (extent + align - 1) / align;
+  const int parts = static_cast<int>(std::min<std::int64_t>(threads, units));
+  if (parts <= 1) {
+    serial_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  parallel_for(parts, [&](int p) {
+    const std::int64_t lo = std::min(extent, units * p / parts * align);
+    const std::int64_t hi = std::min(extent, units * (p + 1) / parts * align);
+    if (hi <= lo) return;
+    if (by_rows) {
+      // Rows [lo, hi) of op(A) and of C.
+      const T* a_block = ta ? a + lo : a + lo * lda;
+      serial_gemm(ta, tb, hi - lo, n, k, alpha, a_block, lda, b, ldb, beta, c + lo * ldc, ldc);
+    } else {
+      // Columns [lo, hi) of op(B) and of C.
+      const T* b_block = tb ? b + lo * ldb : b + lo;
+      serial_gemm(ta, tb, m, hi - lo, k, alpha, a, lda, b_block, ldb, beta, c + lo, ldc);
+    }
+  });
+}
+
+// BLAS semantics for an empty sum: C = beta C, and beta = 0 overwrites C (even NaN) with zeros.
+template <class T>
+void scale_only(std::int64_t m, std::int64_t n, T beta, T* c, std::int64_t ldc) {
+  for (std::int64_t i = 0; i < m; ++i) {
+    T* row = c + i * ldc;
+    if (beta == T(0)) {
+      std::fill(row, row + n, T(0));
+    } else {
+      for (std::int64_t j = 0; j < n; ++j) row[j] *= beta;
+    }
+  }
+}
+
+}  // namespace
 
 template <>
 void gemm<float>(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,
                  std::int64_t lda, const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
-  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, static_cast<int>(m),
-              static_cast<int>(n), static_cast<int>(k), alpha, a, static_cast<int>(lda), b, static_cast<int>(ldb), beta,
-              c, static_cast<int>(ldc));
+  if (m == 0 || n == 0) return;
+  if (k == 0) return scale_only(m, n, beta, c, ldc);
+  split_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 template <>
 void gemm<double>(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, double alpha, const double* a,
                   std::int64_t lda, const double* b, std::int64_t ldb, double beta, double* c, std::int64_t ldc) {
-  cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, static_cast<int>(m),
-              static_cast<int>(n), static_cast<int>(k), alpha, a, static_cast<int>(lda), b, static_cast<int>(ldb), beta,
-              c, static_cast<int>(ldc));
+  if (m == 0 || n == 0) return;
+  if (k == 0) return scale_only(m, n, beta, c, ldc);
+  split_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 }  // namespace chaingrad::kernels

@@ -1,5 +1,6 @@
 #pragma once
-// Matrix products through the BLAS (row-major). Threading is the BLAS's own.
+// C = alpha op(A) op(B) + beta C, row-major, BLAS semantics. float32 runs on oneDNN's sgemm and
+// float64 on OpenBLAS, split across chaingrad's thread pool (gemm.cpp says why).
 #include <cstdint>
 
 namespace chaingrad::kernels {

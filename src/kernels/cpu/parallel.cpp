@@ -1,0 +1,198 @@
+#include "kernels/cpu/parallel.hpp"
+
+#include <sched.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <exception>
+#include <algorithm>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "chaingrad/error.hpp"
+
+namespace chaingrad::kernels {
+namespace {
+
+// A worker that finished a job spins this many pauses (~100-200 µs) before it sleeps on a futex:
+// the products of one training step come tens of microseconds apart, and waking a sleeping thread
+// costs about as much as a small product.
+constexpr int kSpinPauses = 4000;
+
+inline void cpu_pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+int default_threads() {
+  if (const char* env = std::getenv("CHAINGRAD_NUM_THREADS")) {
+    char* end = nullptr;
+    const long n = std::strtol(env, &end, 10);
+    CG_CHECK(end != env && *end == '\0' && n >= 1 && n <= 1024, ValueError,
+             "CHAINGRAD_NUM_THREADS: expected a whole number of threads from 1 to 1024; got '", env, "'");
+    return static_cast<int>(n);
+  }
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+}
+
+class Pool {
+ public:
+  explicit Pool(int threads) {
+    workers_.reserve(static_cast<std::size_t>(threads - 1));
+    for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+  }
+  Pool(const Pool&) = delete;
+  Pool& operator=(const Pool&) = delete;
+  ~Pool() {
+    stop_ = true;
+    publish();
+    for (auto& w : workers_) w.join();
+  }
+
+  int size() const { return static_cast<int>(workers_.size()) + 1; }
+
+  // The caller holds the pool's busy lock.
+  void run(int tasks, const std::function<void(int)>& fn) {
+    fn_ = &fn;
+    tasks_ = tasks;
+    error_ = nullptr;
+    next_.store(0, std::memory_order_relaxed);
+    unfinished_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
+    publish();
+    run_tasks();
+    for (int spin = 0; unfinished_.load(std::memory_order_acquire) != 0; ++spin) {
+      if (spin < kSpinPauses) {
+        cpu_pause();
+      } else {
+        std::unique_lock lock(sleep_mu_);
+        done_cv_.wait(lock, [&] { return unfinished_.load(std::memory_order_acquire) == 0; });
+      }
+    }
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  void worker_loop() {
+    std::uint32_t seen = 0;  // the generation at construction; a job may be published before this line runs
+    for (;;) {
+      std::uint32_t g;
+      for (int spin = 0; (g = generation_.load(std::memory_order_acquire)) == seen; ++spin) {
+        if (spin < kSpinPauses) {
+          cpu_pause();
+        } else {
+          std::unique_lock lock(sleep_mu_);
+          wake_cv_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+        }
+      }
+      seen = g;
+      if (stop_) return;
+      run_tasks();
+      if (unfinished_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard lock(sleep_mu_);  // so the notify cannot fall between the caller's check and its wait
+        done_cv_.notify_one();
+      }
+    }
+  }
+
+  // Sleepers re-check the generation under sleep_mu_, so bumping it under the lock loses no wake-up.
+  void publish() {
+    {
+      std::lock_guard lock(sleep_mu_);
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    wake_cv_.notify_all();
+  }
+
+  void run_tasks() {
+    for (int i; (i = next_.fetch_add(1, std::memory_order_relaxed)) < tasks_;) {
+      try {
+        (*fn_)(i);
+      } catch (...) {
+        std::lock_guard lock(error_mu_);
+        if (!error_) error_ = std::current_exception();
+      }
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::atomic<std::uint32_t> generation_{0};
+  std::atomic<int> next_{0};
+  std::atomic<int> unfinished_{0};
+  const std::function<void(int)>* fn_ = nullptr;
+  int tasks_ = 0;
+  bool stop_ = false;
+  std::mutex sleep_mu_;
+  std::condition_variable wake_cv_, done_cv_;
+  std::mutex error_mu_;
+  std::exception_ptr error_;
+};
+
+// Set for the whole of a parallel_for, and by set_num_threads while it swaps the pool. A flag, not
+// a mutex: a nested parallel_for from the same thread must see "busy", and try_lock on a mutex the
+// thread already owns is undefined.
+std::atomic<bool> g_busy{false};
+
+bool try_acquire() { return !g_busy.exchange(true, std::memory_order_acquire); }
+void acquire() {
+  while (!try_acquire()) std::this_thread::yield();
+}
+void release() { g_busy.store(false, std::memory_order_release); }
+
+struct BusyGuard {
+  BusyGuard() { acquire(); }
+  ~BusyGuard() { release(); }
+  BusyGuard(const BusyGuard&) = delete;
+  BusyGuard& operator=(const BusyGuard&) = delete;
+};
+
+// Never destroyed: worker threads must not be joined during static destruction, when other
+// libraries' state (the BLAS's) may already be gone.
+Pool*& pool_slot() {
+  static Pool* p = nullptr;
+  return p;
+}
+
+Pool& pool_locked() {
+  Pool*& p = pool_slot();
+  if (!p) p = new Pool(default_threads());
+  return *p;
+}
+
+}  // namespace
+
+int num_threads() {
+  BusyGuard guard;
+  return pool_locked().size();
+}
+
+void set_num_threads(int n) {
+  CG_CHECK(n >= 1 && n <= 1024, ValueError, "set_num_threads: expected 1 to 1024 threads; got ", n);
+  BusyGuard guard;
+  Pool*& p = pool_slot();
+  if (p && p->size() == n) return;
+  delete p;
+  p = new Pool(n);
+}
+
+void parallel_for(int tasks, const std::function<void(int)>& fn) {
+  if (tasks <= 0) return;
+  if (tasks > 1 && try_acquire()) {
+    struct Release {
+      ~Release() { release(); }
+    } on_exit;
+    Pool& p = pool_locked();
+    if (p.size() > 1) {
+      p.run(tasks, fn);
+      return;
+    }
+  }
+  for (int i = 0; i < tasks; ++i) fn(i);
+}
+
+}  // namespace chaingrad::kernels

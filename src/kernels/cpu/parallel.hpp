@@ -1,0 +1,24 @@
+#pragma once
+// chaingrad's one thread pool. Kernels that split work across cores (the matrix products) go
+// through parallel_for; the BLAS libraries underneath run single-threaded, so there is exactly one
+// threading model and no pool of one library spinning against another's.
+#include <cstdint>
+#include <functional>
+
+namespace chaingrad::kernels {
+
+// Threads a parallel_for may use, the calling thread included. Defaults to the CPUs this process
+// may run on (its affinity mask); CHAINGRAD_NUM_THREADS overrides the default.
+int num_threads();
+
+// Resizes the pool. Must not be called from inside a parallel_for.
+void set_num_threads(int n);
+
+// Runs fn(i) once for every i in [0, tasks), on up to num_threads() threads; the caller runs tasks
+// too, and the call returns when all are done. When the pool is busy (a call from inside fn, or
+// from a second user thread at the same moment) the tasks run inline on the caller: results never
+// depend on which thread ran a task, only on how the work was cut, which the caller decides.
+// Exceptions thrown by fn are rethrown on the caller (the first one; the remaining tasks still run).
+void parallel_for(int tasks, const std::function<void(int)>& fn);
+
+}  // namespace chaingrad::kernels

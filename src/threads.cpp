@@ -1,0 +1,9 @@
+#include "chaingrad/tensor.hpp"
+#include "kernels/cpu/parallel.hpp"
+
+namespace chaingrad {
+
+void set_num_threads(int n) { kernels::set_num_threads(n); }
+int get_num_threads() { return kernels::num_threads(); }
+
+}  // namespace chaingrad

@@ -1,0 +1,176 @@
+// The CPU kernels under the ops: the matrix product (oneDNN / OpenBLAS, split across the thread
+// pool) against a plain triple loop, and the thread pool itself.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cmath>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include "chaingrad/error.hpp"
+#include "chaingrad/tensor.hpp"
+#include "kernels/cpu/gemm.hpp"
+#include "kernels/cpu/parallel.hpp"
+
+namespace cg = chaingrad;
+namespace kc = chaingrad::kernels;
+
+namespace {
+
+// Restores the thread count a test changed.
+struct ThreadCount {
+  int saved = kc::num_threads();
+  ~ThreadCount() { kc::set_num_threads(saved); }
+};
+
+template <class T>
+std::vector<T> pattern(std::int64_t n, int seed) {
+  std::vector<T> v(static_cast<std::size_t>(n));
+  for (std::int64_t i = 0; i < n; ++i) v[static_cast<std::size_t>(i)] = T(((i * 7919 + seed * 104729) % 2001) - 1000) / T(997);
+  return v;
+}
+
+struct GemmCase {
+  bool ta, tb;
+  std::int64_t m, n, k;
+  double alpha, beta;
+};
+
+// C = alpha op(A) op(B) + beta C with padded leading dimensions, checked against a double loop.
+template <class T>
+void check_gemm(const GemmCase& g, double tol) {
+  const std::int64_t a_rows = g.ta ? g.k : g.m, a_cols = g.ta ? g.m : g.k;
+  const std::int64_t b_rows = g.tb ? g.n : g.k, b_cols = g.tb ? g.k : g.n;
+  const std::int64_t lda = a_cols + 3, ldb = b_cols + 5, ldc = g.n + 2;
+  const auto a = pattern<T>(a_rows * lda, 1), b = pattern<T>(b_rows * ldb, 2);
+  auto c = pattern<T>(g.m * ldc, 3);
+  const auto c0 = c;
+  kc::gemm<T>(g.ta, g.tb, g.m, g.n, g.k, T(g.alpha), a.data(), lda, b.data(), ldb, T(g.beta), c.data(), ldc);
+  for (std::int64_t i = 0; i < g.m; ++i) {
+    for (std::int64_t j = 0; j < ldc; ++j) {
+      const double got = c[static_cast<std::size_t>(i * ldc + j)];
+      if (j >= g.n) {  // padding past n must be left alone
+        ASSERT_EQ(got, c0[static_cast<std::size_t>(i * ldc + j)]) << "padding written at " << i << "," << j;
+        continue;
+      }
+      double want = 0, scale = 0;
+      for (std::int64_t p = 0; p < g.k; ++p) {
+        const double x = a[static_cast<std::size_t>(g.ta ? p * lda + i : i * lda + p)];
+        const double y = b[static_cast<std::size_t>(g.tb ? j * ldb + p : p * ldb + j)];
+        want += x * y;
+        scale += std::abs(x * y);
+      }
+      want = g.alpha * want + (g.beta == 0 ? 0.0 : g.beta * c0[static_cast<std::size_t>(i * ldc + j)]);
+      ASSERT_NEAR(got, want, tol * (1 + std::abs(g.alpha) * scale))
+          << "C[" << i << "," << j << "] for m=" << g.m << " n=" << g.n << " k=" << g.k << " ta=" << g.ta
+          << " tb=" << g.tb;
+    }
+  }
+}
+
+const std::vector<GemmCase>& gemm_cases() {
+  static const std::vector<GemmCase> cases = [] {
+    std::vector<GemmCase> v;
+    // Small (serial), tall (split by rows), wide (split by columns, not a multiple of 16), thin k.
+    const std::int64_t shapes[][3] = {{3, 5, 7}, {1, 1, 1}, {257, 33, 129}, {31, 517, 65}, {64, 784, 9}, {300, 300, 1}};
+    for (const auto& s : shapes)
+      for (bool ta : {false, true})
+        for (bool tb : {false, true}) v.push_back({ta, tb, s[0], s[1], s[2], 1.0, 0.0});
+    v.push_back({false, true, 129, 200, 70, -0.5, 1.0});
+    v.push_back({true, false, 200, 129, 70, 2.0, 0.25});
+    return v;
+  }();
+  return cases;
+}
+
+}  // namespace
+
+TEST(Gemm, Float32MatchesTripleLoopForEveryLayoutAndThreadCount) {
+  ThreadCount restore;
+  for (int threads : {1, 2, 3}) {
+    kc::set_num_threads(threads);
+    for (const auto& g : gemm_cases()) check_gemm<float>(g, 1e-5);
+  }
+}
+
+TEST(Gemm, Float64MatchesTripleLoopForEveryLayoutAndThreadCount) {
+  ThreadCount restore;
+  for (int threads : {1, 2, 3}) {
+    kc::set_num_threads(threads);
+    for (const auto& g : gemm_cases()) check_gemm<double>(g, 1e-12);
+  }
+}
+
+TEST(Gemm, EmptySumScalesCAndBetaZeroOverwritesNan) {
+  std::vector<float> c = {1.f, NAN, 3.f, 4.f};
+  kc::gemm<float>(false, false, 2, 2, 0, 1.f, nullptr, 1, nullptr, 2, 0.f, c.data(), 2);
+  EXPECT_EQ(c, (std::vector<float>{0, 0, 0, 0}));
+  std::vector<double> d = {1, 2, 3, 4};
+  kc::gemm<double>(false, false, 2, 2, 0, 1.0, nullptr, 1, nullptr, 2, 0.5, d.data(), 2);
+  EXPECT_EQ(d, (std::vector<double>{0.5, 1, 1.5, 2}));
+}
+
+TEST(Gemm, ProductsFromTwoUserThreadsAtOnceAreBothRight) {
+  // One thread gets the pool, the other runs inline; both must get the full product.
+  std::vector<std::thread> users;
+  std::atomic<int> failures{0};
+  for (int t = 0; t < 2; ++t) {
+    users.emplace_back([&] {
+      for (int r = 0; r < 20; ++r) {
+        const std::int64_t m = 96, n = 160, k = 200;
+        const auto a = pattern<float>(m * k, 4), b = pattern<float>(k * n, 5);
+        std::vector<float> c(static_cast<std::size_t>(m * n));
+        kc::gemm<float>(false, false, m, n, k, 1.f, a.data(), k, b.data(), n, 0.f, c.data(), n);
+        double want = 0;
+        for (std::int64_t p = 0; p < k; ++p) want += double(a[static_cast<std::size_t>(95 * k + p)]) * b[static_cast<std::size_t>(p * n + 159)];
+        if (std::abs(c.back() - want) > 1e-3) ++failures;
+      }
+    });
+  }
+  for (auto& u : users) u.join();
+  EXPECT_EQ(failures.load(), 0);
+}
+
+TEST(ThreadPool, RunsEveryTaskOnceForAnyThreadCount) {
+  ThreadCount restore;
+  for (int threads : {1, 2, 4}) {
+    kc::set_num_threads(threads);
+    EXPECT_EQ(kc::num_threads(), threads);
+    EXPECT_EQ(cg::get_num_threads(), threads);
+    for (int tasks : {0, 1, 2, 7, 100}) {
+      std::vector<std::atomic<int>> hits(static_cast<std::size_t>(tasks));
+      kc::parallel_for(tasks, [&](int i) { hits[static_cast<std::size_t>(i)]++; });
+      for (int i = 0; i < tasks; ++i) EXPECT_EQ(hits[static_cast<std::size_t>(i)].load(), 1) << "task " << i;
+    }
+  }
+}
+
+TEST(ThreadPool, NestedCallRunsInlineAndCompletes) {
+  ThreadCount restore;
+  kc::set_num_threads(2);
+  std::atomic<int> inner{0};
+  kc::parallel_for(4, [&](int) { kc::parallel_for(3, [&](int) { inner++; }); });
+  EXPECT_EQ(inner.load(), 12);
+}
+
+TEST(ThreadPool, RethrowsTheTasksExceptionOnTheCaller) {
+  ThreadCount restore;
+  kc::set_num_threads(2);
+  std::atomic<int> ran{0};
+  EXPECT_THROW(kc::parallel_for(8,
+                                [&](int i) {
+                                  ran++;
+                                  if (i == 5) throw std::runtime_error("task 5 failed");
+                                }),
+               std::runtime_error);
+  EXPECT_EQ(ran.load(), 8);  // the other tasks still ran
+  int after = 0;
+  kc::parallel_for(1, [&](int) { after = 1; });  // and the pool still works
+  EXPECT_EQ(after, 1);
+}
+
+TEST(ThreadPool, RejectsNonsenseThreadCounts) {
+  EXPECT_THROW(kc::set_num_threads(0), cg::ValueError);
+  EXPECT_THROW(cg::set_num_threads(-3), cg::ValueError);
+}
