@@ -216,6 +216,8 @@ def build_configs(a, notes):
                         cg = [a.chaingrad, "train", "--model", MODELS[w], "--optimizer", opt,
                               "--lr", repr(lr), "--batch-size", str(b), "--epochs", str(a.epochs),
                               "--threads", str(t), "--seed", str(a.seed), "--json",
+                              # the peers' workload: pixels in [0, 1], a constant learning rate
+                              "--normalize", "none", "--schedule", "constant",
                               "--out", "{OUT}"] + cg_extra
                         pts = {"best": [1], "same": [t], "both": sorted({1, t})}[a.peer_threads]
                         for p in a.peers_l:

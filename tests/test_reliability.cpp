@@ -291,6 +291,35 @@ TEST_P(ResumeExact, TwoEpochsThenResumeEqualsThreeEpochs) {
 
 INSTANTIATE_TEST_SUITE_P(Optimizers, ResumeExact, ::testing::Values("momentum", "adam", "sgd"));
 
+// --normalize none feeds the inputs as loaded (what the PyTorch peers do); the checkpoint records
+// the identity scaling, and a resume keeps the choice without being told again.
+TEST_F(Training, NormalizeNoneIsRecordedAndKeptOnResume) {
+  const std::vector<std::string> common{"--model", "linear(16) relu linear(3)", "--batch-size", "16",
+                                        "--schedule", "constant"};
+  auto with = [&](std::vector<std::string> extra) {
+    extra.insert(extra.begin(), common.begin(), common.end());
+    return extra;
+  };
+  Outcome standard = train(with({"--epochs", "1", "--out", out("standard")}));
+  ASSERT_EQ(standard.exit_code, 0) << describe(standard);
+  EXPECT_NE(meta(last("standard"), "chaingrad.normalization"), "0,1");
+  EXPECT_EQ(meta(last("standard"), "chaingrad.normalize"), "standard");
+
+  Outcome none = train(with({"--epochs", "1", "--normalize", "none", "--out", out("none")}));
+  ASSERT_EQ(none.exit_code, 0) << describe(none);
+  EXPECT_EQ(meta(last("none"), "chaingrad.normalization"), "0,1");
+  EXPECT_FALSE(same_tensors(last("standard"), last("none")));  // other inputs, other weights
+
+  Outcome resumed = train({"--resume", last("none"), "--epochs", "2", "--out", out("none")});
+  ASSERT_EQ(resumed.exit_code, 0) << describe(resumed);
+  EXPECT_EQ(meta(last("none"), "chaingrad.normalize"), "none");
+  EXPECT_EQ(meta(last("none"), "chaingrad.normalization"), "0,1");
+
+  Outcome bad = train(with({"--normalize", "zscore", "--out", out("bad")}));
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.err.find("--normalize"), std::string::npos) << bad.err;
+}
+
 // A checkpoint saved in the middle of an epoch (--save-every) resumes at that batch. To stop the
 // run right after the save of step 40 (of 64 per epoch), a folder squats on epoch-1.safetensors:
 // the end-of-epoch save fails, which must leave last.safetensors (written after it) at step 40.

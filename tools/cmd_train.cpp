@@ -40,6 +40,7 @@ struct TrainOptions {
   std::string model = kDefaultModel;
   std::string optimizer = "momentum";
   std::string schedule = "cosine";
+  std::string normalize = "standard";  // standard: (x - mean) / std of the training set; none: as loaded
   double lr = -1, momentum = 0.9, weight_decay = 0;
   std::int64_t batch_size = 64;
   int epochs = 5;
@@ -73,6 +74,7 @@ struct ResumableOption {
 };
 const ResumableOption kResumable[] = {
     {"optimizer", &TrainOptions::optimizer},     {"schedule", &TrainOptions::schedule},
+    {"normalize", &TrainOptions::normalize},
     {"lr", nullptr, &TrainOptions::lr},          {"momentum", nullptr, &TrainOptions::momentum},
     {"weight-decay", nullptr, &TrainOptions::weight_decay}, {"batch-size", nullptr, nullptr, &TrainOptions::batch_size},
 };
@@ -189,6 +191,8 @@ void apply_resume_options(TrainOptions& o) {
                                                 o.optimizer == "adam" || o.optimizer == "adamw"),
            ValueError, o.resume, ": the checkpoint records invalid training options (batch size ", o.batch_size,
            ", epochs ", o.epochs, ", optimizer '", o.optimizer, "')");
+  CG_CHECK(o.normalize == "standard" || o.normalize == "none", ValueError, o.resume,
+           ": the checkpoint records an unknown input scaling '", o.normalize, "' (expected standard or none)");
 }
 
 void run_train(const TrainOptions& o_in) {
@@ -209,9 +213,11 @@ void run_train(const TrainOptions& o_in) {
   cg::data::Dataset train, test;
   load_data(o, train, test);
   cli::CheckpointInfo info;
-  info.norm = cg::data::compute_normalization(train.inputs);
-  cg::data::normalize_(train.inputs, info.norm);
-  cg::data::normalize_(test.inputs, info.norm);
+  if (o.normalize == "standard") {
+    info.norm = cg::data::compute_normalization(train.inputs);
+    cg::data::normalize_(train.inputs, info.norm);
+    cg::data::normalize_(test.inputs, info.norm);
+  }
   info.num_classes = std::max(train.num_classes, test.num_classes);
   info.input_shape = cg::Dims(std::span<const std::int64_t>(train.inputs.shape().begin() + 1, train.inputs.shape().end()));
 
@@ -538,6 +544,11 @@ void add_train_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--schedule", o->schedule, "Learning-rate schedule over the whole run: cosine | step | constant")
       ->check(CLI::IsMember({"cosine", "step", "constant"}))
+      ->capture_default_str();
+  cmd->add_option("--normalize", o->normalize,
+                  "Input scaling: standard (subtract the training set's mean, divide by its std) | none "
+                  "(pixels in [0, 1], as PyTorch's reference scripts feed them)")
+      ->check(CLI::IsMember({"standard", "none"}))
       ->capture_default_str();
   cmd->add_option("--lr", o->lr, "Learning rate (default: 0.1 sgd, 0.02 momentum, 1e-3 adam/adamw)");
   cmd->add_option("--momentum", o->momentum, "Momentum for --optimizer momentum")->capture_default_str();
