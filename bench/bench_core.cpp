@@ -118,4 +118,59 @@ static void BM_CnnStep(benchmark::State& state) {
 }
 BENCHMARK(BM_CnnStep)->Arg(64)->Unit(benchmark::kMillisecond);
 
+// The reference CNN's layers one at a time, batch 64, 3x3 kernels with padding 1:
+// args (C, H = W, O) = (1, 28, 32) for the first conv layer and (32, 14, 64) for the second.
+// GFLOP/s counts 2*N*O*C*9*H*W per product (the forward and each of the two adjoints).
+namespace {
+struct ConvLayer {
+  cg::Tensor x, w, b, g;
+  double flops;
+};
+ConvLayer conv_layer(const benchmark::State& state) {
+  const std::int64_t C = state.range(0), H = state.range(1), O = state.range(2), N = 64;
+  cg::Generator gen(0);
+  return {cg::randn({N, C, H, H}, {}, &gen), cg::randn({O, C, 3, 3}, {}, &gen), cg::randn({O}, {}, &gen),
+          cg::randn({N, O, H, H}, {}, &gen), 2.0 * N * O * C * 9 * H * H};
+}
+void set_gflops(benchmark::State& state, double flops) {
+  state.counters["GFLOP/s"] = benchmark::Counter(flops * state.iterations(), benchmark::Counter::kIsRate,
+                                                 benchmark::Counter::kIs1000);
+}
+}  // namespace
+
+static void BM_Conv2dForward(benchmark::State& state) {
+  const ConvLayer l = conv_layer(state);
+  for (auto _ : state) benchmark::DoNotOptimize(cg::conv2d(l.x, l.w, l.b, 1, 1));
+  set_gflops(state, l.flops);
+}
+BENCHMARK(BM_Conv2dForward)->Args({1, 28, 32})->Args({32, 14, 64})->Unit(benchmark::kMicrosecond);
+
+static void BM_Conv2dBackwardInput(benchmark::State& state) {
+  const ConvLayer l = conv_layer(state);
+  for (auto _ : state) benchmark::DoNotOptimize(cg::conv2d_backward_input(l.g, l.w, l.x.shape(), 1, 1));
+  set_gflops(state, l.flops);
+}
+BENCHMARK(BM_Conv2dBackwardInput)->Args({32, 14, 64})->Unit(benchmark::kMicrosecond);
+
+static void BM_Conv2dBackwardWeight(benchmark::State& state) {
+  const ConvLayer l = conv_layer(state);
+  for (auto _ : state) benchmark::DoNotOptimize(cg::conv2d_backward_weight(l.g, l.x, l.w.shape(), 1, 1));
+  set_gflops(state, l.flops);
+}
+BENCHMARK(BM_Conv2dBackwardWeight)->Args({1, 28, 32})->Args({32, 14, 64})->Unit(benchmark::kMicrosecond);
+
+// 2x2 max pooling of the two conv layers' activations, forward and backward (args C, H).
+static void BM_MaxPool2d(benchmark::State& state) {
+  cg::Tensor x = cg::randn({64, state.range(0), state.range(1), state.range(1)}).requires_grad_();
+  cg::Tensor g;
+  for (auto _ : state) {
+    cg::Tensor y = cg::max_pool2d(x, 2);
+    if (!g.defined()) g = cg::randn(y.shape());
+    benchmark::DoNotOptimize(cg::autograd::grad({y}, {x}, {g}));
+  }
+  state.counters["GB/s"] = benchmark::Counter(static_cast<double>(x.numel()) * 4 * 2 * state.iterations(),
+                                              benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+}
+BENCHMARK(BM_MaxPool2d)->Args({32, 28})->Args({64, 14})->Unit(benchmark::kMicrosecond);
+
 BENCHMARK_MAIN();

@@ -124,9 +124,43 @@ std::vector<OpCase> build() {
   add_case({"conv2d", {{2, 2, 5, 5}, {3, 2, 3, 3}, {3}}, [](V x) { return conv2d(x[0], x[1], x[2], 1, 1); }});
   add_case({"conv2d", {{1, 2, 6, 6}, {2, 2, 3, 3}}, [](V x) { return conv2d(x[0], x[1], {}, 2, 1, 2); }, -2, 2, {},
             true, "stride 2, dilation 2"});
+  add_case({"conv2d", {{2, 1, 6, 5}, {3, 1, 3, 3}, {3}}, [](V x) { return conv2d(x[0], x[1], x[2], 1, 1); }, -2, 2,
+            {}, true, "one input channel (the first layer of a CNN)"});
+  add_case({"conv2d", {{2, 3, 4, 3}, {2, 3, 1, 1}, {2}}, [](V x) { return conv2d(x[0], x[1], x[2]); }, -2, 2, {}, true,
+            "1x1 kernel (the image is its own column matrix)"});
+  add_case({"conv2d", {{1, 2, 7, 6}, {2, 2, 3, 2}, {2}}, [](V x) { return conv2d(x[0], x[1], x[2], 2, 1); }, -2, 2, {},
+            true, "odd sizes, 3x2 kernel, stride 2, padding 1"});
+  add_case({"conv2d", {{1, 1, 3, 4}, {2, 1, 3, 3}}, [](V x) { return conv2d(x[0], x[1], {}, 1, 2); }, -2, 2, {}, true,
+            "padding 2 (rows and columns of pure padding)"});
+  add_case({"conv2d", {{2, 2, 5, 6}, {3, 2, 3, 3}, {3}}, [](V x) { return conv2d(x[0], x[1], x[2], 1, 2, 2); }, -2,
+            2, {}, true, "dilation 2, padding 2 (same size, columns shifted by 2)"});
+  add_case({"conv2d", {{1, 2, 2, 3}, {2, 2, 5, 5}}, [](V x) { return conv2d(x[0], x[1], {}, 1, 2); }, -2, 2, {}, true,
+            "kernel larger than the image (whole rows of padding)"});
+  add_case({"conv2d_backward_input", {{2, 3, 5, 5}, {3, 2, 3, 3}},
+            [](V x) { return conv2d_backward_input(x[0], x[1], {2, 2, 5, 5}, 1, 1); }});
+  add_case({"conv2d_backward_input", {{1, 2, 4, 3}, {2, 2, 3, 3}},
+            [](V x) { return conv2d_backward_input(x[0], x[1], {1, 2, 7, 6}, 2, 1); }, -2, 2, {}, true,
+            "stride 2, odd input (a row and a column no window reaches)"});
+  add_case({"conv2d_backward_input", {{2, 2, 3, 3}, {2, 3, 1, 1}},
+            [](V x) { return conv2d_backward_input(x[0], x[1], {2, 3, 3, 3}); }, -2, 2, {}, true, "1x1 kernel"});
+  add_case({"conv2d_backward_input", {{1, 2, 4, 5}, {2, 1, 3, 3}},
+            [](V x) { return conv2d_backward_input(x[0], x[1], {1, 1, 4, 5}, 1, 2, 2); }, -2, 2, {}, true,
+            "dilation 2, padding 2, one input channel"});
+  add_case({"conv2d_backward_weight", {{2, 3, 5, 5}, {2, 2, 5, 5}},
+            [](V x) { return conv2d_backward_weight(x[0], x[1], {3, 2, 3, 3}, 1, 1); }});
+  add_case({"conv2d_backward_weight", {{1, 2, 2, 3}, {1, 1, 6, 7}},
+            [](V x) { return conv2d_backward_weight(x[0], x[1], {2, 1, 3, 3}, 2, 1, 2); }, -2, 2, {}, true,
+            "one input channel, stride 2, dilation 2"});
+  add_case({"conv2d_backward_weight", {{2, 2, 3, 3}, {2, 3, 3, 3}},
+            [](V x) { return conv2d_backward_weight(x[0], x[1], {2, 3, 1, 1}); }, -2, 2, {}, true, "1x1 kernel"});
   add_case({"max_pool2d", {{2, 2, 4, 4}}, [](V x) { return max_pool2d(x[0], 2); }});
   add_case({"max_pool2d", {{1, 2, 5, 5}}, [](V x) { return max_pool2d(x[0], 3, 2); }, -2, 2, {}, true,
             "3x3 windows, stride 2 (overlapping; the general kernel)"});
+  add_case({"max_pool2d", {{1, 3, 5, 7}}, [](V x) { return max_pool2d(x[0], 2); }, -2, 2, {}, true,
+            "2x2 on odd sizes (the last row and column are dropped)"});
+  add_case({"max_pool2d_backward", {{1, 2, 2, 2}},
+            [](V x) { return max_pool2d_backward(x[0], idx({0, 3, 9, 15, 5, 5, 10, 6}, {1, 2, 2, 2}), {1, 2, 4, 4}); },
+            -2, 2, {}, true, "a repeated index accumulates (overlapping windows)"});
   add_case({"avg_pool2d", {{1, 2, 4, 6}}, [](V x) { return avg_pool2d(x[0], 2); }});
   return r;
 }

@@ -116,7 +116,16 @@ Tensor col2im(const Tensor& cols, const Dims& input_shape, std::int64_t kh, std:
               std::int64_t padding, std::int64_t dilation);
 Tensor conv2d(const Tensor& x, const Tensor& weight, const Tensor& bias = {}, std::int64_t stride = 1,
               std::int64_t padding = 0, std::int64_t dilation = 1);
+// conv2d's adjoints (its backward rules, and each other's): <conv2d(x, W), g> equals both
+// <x, conv2d_backward_input(g, W, shape of x)> and <W, conv2d_backward_weight(g, x, shape of W)>.
+Tensor conv2d_backward_input(const Tensor& grad_output, const Tensor& weight, const Dims& input_shape,
+                             std::int64_t stride = 1, std::int64_t padding = 0, std::int64_t dilation = 1);
+Tensor conv2d_backward_weight(const Tensor& grad_output, const Tensor& input, const Dims& weight_shape,
+                              std::int64_t stride = 1, std::int64_t padding = 0, std::int64_t dilation = 1);
 Tensor max_pool2d(const Tensor& x, std::int64_t kernel, std::int64_t stride = 0);  // stride 0 = kernel
+// max_pool2d's backward: zeros of input_shape [N, C, H, W] with grad_output [N, C, Ho, Wo] added at
+// `indices` (int64, grad_output's shape, flat positions h * W + w within each plane).
+Tensor max_pool2d_backward(const Tensor& grad_output, const Tensor& indices, const Dims& input_shape);
 Tensor avg_pool2d(const Tensor& x, std::int64_t kernel, std::int64_t stride = 0);
 // END DIFFERENTIABLE OPS
 
