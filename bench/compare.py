@@ -67,7 +67,9 @@ def parse_args():
                          "the accuracy that after the last epoch")
     ap.add_argument("--lr", type=float, default=None,
                     help="override the learning rate of both sides (default: sgd 0.1, adam 1e-3)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of round 1; round r uses seed + r - 1 on both sides, so the accuracy "
+                         "columns are means over as many initializations and data orders as rounds")
     ap.add_argument("--iters", type=int, default=100000, help="scalar workload iterations")
     ap.add_argument("--scalar-mode", default="fb",
                     help="peers' scalar_autograd mode; chaingrad gets --mode only if not fb")
@@ -215,7 +217,7 @@ def build_configs(a, notes):
                     for t in a.threads_l:
                         cg = [a.chaingrad, "train", "--model", MODELS[w], "--optimizer", opt,
                               "--lr", repr(lr), "--batch-size", str(b), "--epochs", str(a.epochs),
-                              "--threads", str(t), "--seed", str(a.seed), "--json",
+                              "--threads", str(t), "--seed", "{SEED}", "--json",
                               # the peers' workload: pixels in [0, 1], a constant learning rate
                               "--normalize", "none", "--schedule", "constant",
                               "--out", "{OUT}"] + cg_extra
@@ -234,7 +236,7 @@ def build_configs(a, notes):
                                 else:
                                     pc = [libtorch_bins(a)["mlp"]]
                                 pc += ["--batch", str(b), "--epochs", str(a.epochs), "--opt", opt,
-                                       "--lr", repr(lr), "--threads", str(pt), "--seed", str(a.seed)]
+                                       "--lr", repr(lr), "--threads", str(pt), "--seed", "{SEED}"]
                                 configs.append(dict(workload=w, env=env_v, opt=opt, batch=b,
                                                     threads=t, peer=p, peer_threads=pt,
                                                     cg_cmd=cg, peer_cmd=pc))
@@ -332,8 +334,9 @@ def summarize_run(workload, recs):
     return statistics.mean(times), acc, None
 
 
-def one_run(a, cfg, side, failures):
+def one_run(a, cfg, side, failures, seed):
     cmd = cfg["cg_cmd"] if side == "chaingrad" else cfg["peer_cmd"]
+    cmd = [str(seed) if x == "{SEED}" else x for x in cmd]
     outdir = None
     if "{OUT}" in cmd:
         outdir = tempfile.mkdtemp(prefix="cg-compare-")
@@ -382,7 +385,14 @@ def med_range(vals, fmt):
 
 
 def fmt_acc(vals):
-    return "n/a" if not vals else f"{statistics.median(vals) * 100:.2f}%"
+    """Mean over the rounds (each round has its own seed) and, with several rounds, the standard
+    error of that mean: accuracy after one epoch moves by points from seed to seed."""
+    if not vals:
+        return "n/a"
+    m = statistics.mean(vals) * 100
+    if len(vals) < 2:
+        return f"{m:.2f}%"
+    return f"{m:.2f} ± {statistics.stdev(vals) * 100 / len(vals) ** 0.5:.2f}%"
 
 
 def fmt_rss(vals):
@@ -398,7 +408,8 @@ def report(a, configs, cg_samples, peer_samples, notes, cores, failures):
     print(f"Command: `{shlex.join([sys.argv[0]] + sys.argv[1:])}` (cwd `{os.getcwd()}`)  ")
     print(f"Rounds: {a.rounds}, interleaved (chaingrad and peer alternate which runs first), "
           f"epochs per run: {a.epochs}. Time: median [min–max] of the rounds; "
-          f"ratio = peer / chaingrad (>1: chaingrad faster). RSS = child's ru_maxrss, MiB.")
+          f"ratio = peer / chaingrad (>1: chaingrad faster). Round r runs seed {a.seed} + r - 1 on "
+          f"both sides; acc = mean ± standard error over the rounds. RSS = child's ru_maxrss, MiB.")
     print()
     hdr = ("| workload | opt | batch | threads cg/peer | env | peer | chaingrad | peer "
            "| ratio | acc cg | acc peer | RSS cg | RSS peer |")
@@ -431,7 +442,7 @@ def report(a, configs, cg_samples, peer_samples, notes, cores, failures):
     seen = set()
     for c in configs:
         for cmd in (full_cmd(c["cg_cmd"], c["env"]), full_cmd(c["peer_cmd"], c["env"])):
-            line = shlex.join(cmd).replace("'{OUT}'", "<tmpdir>")
+            line = shlex.join(cmd).replace("'{OUT}'", "<tmpdir>").replace("'{SEED}'", "<seed>")
             if line not in seen:
                 seen.add(line)
                 print(f"    {line}")
@@ -469,7 +480,7 @@ def main():
         done = set()
         for c in configs:
             for cmd in (c["cg_cmd"], c["peer_cmd"]):
-                line = shlex.join(full_cmd(cmd, c["env"])).replace("'{OUT}'", "<tmpdir>")
+                line = shlex.join(full_cmd(cmd, c["env"])).replace("'{OUT}'", "<tmpdir>").replace("'{SEED}'", "<seed>")
                 if line not in done:
                     done.add(line)
                     print(line)
@@ -500,7 +511,7 @@ def main():
                     continue
                 n += 1
                 print(f"[{n}/{total}] round {r}: {side} {cfg_label(c)}", file=sys.stderr, flush=True)
-                s = one_run(a, c, side, failures)
+                s = one_run(a, c, side, failures, a.seed + r - 1)
                 s["round"] = r
                 s["config"] = {k: v for k, v in c.items() if k not in ("cg_cmd", "peer_cmd")}
                 raw.append(s)
