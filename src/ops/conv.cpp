@@ -198,6 +198,48 @@ kernels::PoolShape pool_geometry(const Dims& s, std::int64_t kernel, std::int64_
 }
 }  // namespace
 
+namespace {
+// max_pool2d_backward; `from_pool` = {kernel, stride} when the indices are max_pool2d's own (each in
+// its window, so they need no range check and 2x2 windows take the write-once kernel), else {0, 0}.
+Tensor max_pool2d_backward_impl(const Tensor& grad_output, const Tensor& indices, const Dims& input_shape,
+                                std::pair<std::int64_t, std::int64_t> from_pool) {
+  CG_CHECK(grad_output.defined() && indices.defined(), ValueError,
+           "max_pool2d_backward: grad_output and indices must be defined");
+  CG_CHECK(indices.dtype() == DType::Int64, TypeError, "max_pool2d_backward: indices must be int64; got ",
+           indices.dtype());
+  CG_CHECK(input_shape.size() == 4 && grad_output.dim() == 4 && indices.shape() == grad_output.shape() &&
+               grad_output.shape()[0] == input_shape[0] && grad_output.shape()[1] == input_shape[1],
+           ShapeError, "max_pool2d_backward: grad_output ", grad_output.shape(), " and indices ", indices.shape(),
+           " must share one shape [N, C, Ho, Wo] matching the input shape ", input_shape);
+  const std::int64_t planes = input_shape[0] * input_shape[1], in_plane = input_shape[2] * input_shape[3];
+  const kernels::PoolShape s{planes, input_shape[2], input_shape[3], from_pool.first, from_pool.second,
+                             grad_output.shape()[2], grad_output.shape()[3]};
+  const Tensor idx = indices.is_contiguous() ? indices : indices.contiguous();
+  const std::int64_t* pi = idx.data<std::int64_t>();
+  if (from_pool.first == 0) {
+    bool out_of_range = false;  // one branch-free pass; the first bad index is looked up only on failure
+    for (std::int64_t k = 0, n = idx.numel(); k < n; ++k)
+      out_of_range |= static_cast<std::uint64_t>(pi[k]) >= static_cast<std::uint64_t>(in_plane);
+    if (out_of_range)
+      for (std::int64_t k = 0, n = idx.numel(); k < n; ++k)
+        CG_CHECK(pi[k] >= 0 && pi[k] < in_plane, ShapeError, "max_pool2d_backward: index ", pi[k], " at position ", k,
+                 " is out of range [0, ", in_plane, ")");
+  }
+  const Tensor gc = contiguous_data(grad_output);
+  Tensor dx = empty(input_shape, grad_output.dtype());
+  dispatch_float(grad_output.dtype(), "max_pool2d_backward", [&]<class T>() {
+    kernels::max_pool2d_backward<T>(s, gc.data<T>(), pi, dx.data<T>());
+  });
+  if (detail::any_requires_grad({grad_output}))
+    record("max_pool2d_backward", {grad_output}, dx, [idx, planes, in_plane](const Tensor& gg, const Node& self) {
+      const Dims& gs = self.input_meta()[0].shape;
+      const Tensor picked = gather(reshape(gg, {planes, in_plane}), 1, reshape(idx, {planes, gs[2] * gs[3]}));
+      return GradList{reshape(picked, gs)};
+    });
+  return dx;
+}
+}  // namespace
+
 // max_pool2d: each output is the first maximum of its window; the gradient goes to that element
 // through max_pool2d_backward with the saved positions.
 Tensor max_pool2d(const Tensor& x_in, std::int64_t kernel, std::int64_t stride) {
@@ -212,8 +254,8 @@ Tensor max_pool2d(const Tensor& x_in, std::int64_t kernel, std::int64_t stride) 
     kernels::max_pool2d_forward<T>(s, x.data<T>(), out.data<T>(), index.data<std::int64_t>());
   });
   if (detail::any_requires_grad({x_in}))
-    record("max_pool2d", {x_in}, out, [index](const Tensor& gr, const Node& self) {
-      return GradList{max_pool2d_backward(gr, index, self.input_meta()[0].shape)};
+    record("max_pool2d", {x_in}, out, [index, kernel, stride](const Tensor& gr, const Node& self) {
+      return GradList{max_pool2d_backward_impl(gr, index, self.input_meta()[0].shape, {kernel, stride})};
     });
   return out;
 }
@@ -221,38 +263,7 @@ Tensor max_pool2d(const Tensor& x_in, std::int64_t kernel, std::int64_t stride) 
 // dx[n, c, p] = sum of g[n, c, o] over the outputs o with indices[n, c, o] = p (p a flat position in
 // the H*W plane); linear in g, so its backward gathers the upstream gradient at the indices.
 Tensor max_pool2d_backward(const Tensor& grad_output, const Tensor& indices, const Dims& input_shape) {
-  CG_CHECK(grad_output.defined() && indices.defined(), ValueError,
-           "max_pool2d_backward: grad_output and indices must be defined");
-  CG_CHECK(indices.dtype() == DType::Int64, TypeError, "max_pool2d_backward: indices must be int64; got ",
-           indices.dtype());
-  CG_CHECK(input_shape.size() == 4 && grad_output.dim() == 4 && indices.shape() == grad_output.shape() &&
-               grad_output.shape()[0] == input_shape[0] && grad_output.shape()[1] == input_shape[1],
-           ShapeError, "max_pool2d_backward: grad_output ", grad_output.shape(), " and indices ", indices.shape(),
-           " must share one shape [N, C, Ho, Wo] matching the input shape ", input_shape);
-  const std::int64_t planes = input_shape[0] * input_shape[1], in_plane = input_shape[2] * input_shape[3];
-  const kernels::PoolShape s{planes, input_shape[2], input_shape[3], 0, 0, grad_output.shape()[2],
-                             grad_output.shape()[3]};
-  const Tensor idx = indices.is_contiguous() ? indices : indices.contiguous();
-  const std::int64_t* pi = idx.data<std::int64_t>();
-  bool out_of_range = false;  // one branch-free pass; the first bad index is looked up only on failure
-  for (std::int64_t k = 0, n = idx.numel(); k < n; ++k)
-    out_of_range |= static_cast<std::uint64_t>(pi[k]) >= static_cast<std::uint64_t>(in_plane);
-  if (out_of_range)
-    for (std::int64_t k = 0, n = idx.numel(); k < n; ++k)
-      CG_CHECK(pi[k] >= 0 && pi[k] < in_plane, ShapeError, "max_pool2d_backward: index ", pi[k], " at position ", k,
-               " is out of range [0, ", in_plane, ")");
-  const Tensor gc = contiguous_data(grad_output);
-  Tensor dx = empty(input_shape, grad_output.dtype());
-  dispatch_float(grad_output.dtype(), "max_pool2d_backward", [&]<class T>() {
-    kernels::max_pool2d_backward<T>(s, gc.data<T>(), pi, dx.data<T>());
-  });
-  if (detail::any_requires_grad({grad_output}))
-    record("max_pool2d_backward", {grad_output}, dx, [idx, planes, in_plane](const Tensor& gg, const Node& self) {
-      const Dims& gs = self.input_meta()[0].shape;
-      const Tensor picked = gather(reshape(gg, {planes, in_plane}), 1, reshape(idx, {planes, gs[2] * gs[3]}));
-      return GradList{reshape(picked, gs)};
-    });
-  return dx;
+  return max_pool2d_backward_impl(grad_output, indices, input_shape, {0, 0});
 }
 
 // avg_pool2d: the mean over im2col patches, a composition.

@@ -4,8 +4,19 @@
 #include <vector>
 
 #include "kernels/cpu/gemm.hpp"
+#include "kernels/cpu/parallel.hpp"
 
 namespace chaingrad::kernels {
+
+void parallel_blocks(std::int64_t items, std::int64_t work_per_item,
+                     const std::function<void(std::int64_t, std::int64_t)>& fn) {
+  if (items <= 0) return;
+  // About 64K element operations per task at least: below that, waking a worker costs more.
+  const std::int64_t by_work = items * std::max<std::int64_t>(work_per_item, 1) / (1 << 16);
+  const int parts = static_cast<int>(std::clamp<std::int64_t>(std::min(by_work, items), 1, kMaxBlocks));
+  if (parts == 1) return fn(0, items);
+  parallel_for(parts, [&](int p) { fn(items * p / parts, items * (p + 1) / parts); });
+}
 
 namespace {
 
@@ -77,23 +88,26 @@ bool flat_rows(const ConvShape& s) { return s.stride == 1 && s.Wo == s.W; }
 template <class T, bool kAdjoint>
 void im2col_flat(const ConvShape& s, std::conditional_t<kAdjoint, T*, const T*> img, T* cols) {
   const std::int64_t W = s.W, HW = s.H * s.W, P = s.Ho * W, L = s.N * P;
-  for (std::int64_t c = 0; c < s.C; ++c)
-    for (std::int64_t i = 0; i < s.kh; ++i)
-      for (std::int64_t j = 0; j < s.kw; ++j) {
-        const std::int64_t dr = i * s.dil - s.pad, dc = j * s.dil - s.pad, off = dr * W + dc;
-        const std::int64_t oh_lo = std::clamp<std::int64_t>(-dr, 0, s.Ho);
-        const std::int64_t oh_hi = std::clamp<std::int64_t>(s.H - dr, oh_lo, s.Ho);
-        const std::int64_t k_lo = oh_lo * W, k_hi = oh_hi * W;
-        const std::int64_t a = std::clamp<std::int64_t>(-off, k_lo, k_hi);       // flat source in bounds
-        const std::int64_t b = std::clamp<std::int64_t>(HW - off, a, k_hi);       // on [a, b)
-        const std::int64_t wrap_lo = dc < 0 ? 0 : std::max<std::int64_t>(W - dc, 0);
-        const std::int64_t wrap_hi = dc < 0 ? std::min<std::int64_t>(-dc, W) : W;
-        for (std::int64_t n = 0; n < s.N; ++n) {
+  // Each (channel, sample) pair owns its image plane and its column segments: one task each.
+  parallel_blocks(s.C * s.N, s.kh * s.kw * P, [&](std::int64_t t0, std::int64_t t1) {
+    for (std::int64_t t = t0; t < t1; ++t) {
+      const std::int64_t c = t / s.N, n = t % s.N;
+      auto plane = img + (n * s.C + c) * HW;
+      for (std::int64_t i = 0; i < s.kh; ++i)
+        for (std::int64_t j = 0; j < s.kw; ++j) {
+          const std::int64_t dr = i * s.dil - s.pad, dc = j * s.dil - s.pad, off = dr * W + dc;
+          const std::int64_t oh_lo = std::clamp<std::int64_t>(-dr, 0, s.Ho);
+          const std::int64_t oh_hi = std::clamp<std::int64_t>(s.H - dr, oh_lo, s.Ho);
+          const std::int64_t k_lo = oh_lo * W, k_hi = oh_hi * W;
+          const std::int64_t a = std::clamp<std::int64_t>(-off, k_lo, k_hi);  // flat source in bounds
+          const std::int64_t b = std::clamp<std::int64_t>(HW - off, a, k_hi);  // on [a, b)
+          const std::int64_t wrap_lo = dc < 0 ? 0 : std::max<std::int64_t>(W - dc, 0);
+          const std::int64_t wrap_hi = dc < 0 ? std::min<std::int64_t>(-dc, W) : W;
           T* r = cols + ((c * s.kh + i) * s.kw + j) * L + n * P;
-          auto plane = img + (n * s.C + c) * HW;
           if constexpr (kAdjoint) {
             if (dc != 0)
-              for (std::int64_t oh = oh_lo; oh < oh_hi; ++oh) std::fill(r + oh * W + wrap_lo, r + oh * W + wrap_hi, T(0));
+              for (std::int64_t oh = oh_lo; oh < oh_hi; ++oh)
+                std::fill(r + oh * W + wrap_lo, r + oh * W + wrap_hi, T(0));
             T* dst = plane + off;
             for (std::int64_t k = a; k < b; ++k) dst[k] += r[k];
           } else {
@@ -101,10 +115,12 @@ void im2col_flat(const ConvShape& s, std::conditional_t<kAdjoint, T*, const T*> 
             std::copy(plane + a + off, plane + b + off, r + a);
             std::fill(r + b, r + P, T(0));
             if (dc != 0)
-              for (std::int64_t oh = oh_lo; oh < oh_hi; ++oh) std::fill(r + oh * W + wrap_lo, r + oh * W + wrap_hi, T(0));
+              for (std::int64_t oh = oh_lo; oh < oh_hi; ++oh)
+                std::fill(r + oh * W + wrap_lo, r + oh * W + wrap_hi, T(0));
           }
         }
-      }
+    }
+  });
 }
 
 // cols <- patches(img), choosing the flat-row kernel where it applies.
@@ -198,13 +214,15 @@ void conv2d_forward(const ConvShape& s, const T* x, const T* w, const T* bias, T
     }
     // y [O, cn*P] (columns (n, p)) -> out[n0 + n, o, p], adding the bias on the way.
     gemm<T>(false, false, s.O, L, K, T(1), w, K, b, L, T(0), y, L);
-    for (std::int64_t n = 0; n < cn; ++n)
-      for (std::int64_t o = 0; o < s.O; ++o) {
+    parallel_blocks(cn * s.O, P, [&](std::int64_t t0, std::int64_t t1) {
+      for (std::int64_t t = t0; t < t1; ++t) {
+        const std::int64_t n = t / s.O, o = t % s.O;
         const T* src = y + o * L + n * P;
         T* dst = out + (n0 + n) * out_size + o * P;
         const T bo = bias ? bias[o] : T(0);
         for (std::int64_t p = 0; p < P; ++p) dst[p] = src[p] + bo;
       }
+    });
   }
 }
 
@@ -213,8 +231,12 @@ namespace {
 template <class T>
 void gather_chunk(const ConvShape& s, const T* g, std::int64_t cn, T* gc) {
   const std::int64_t P = s.out_plane(), L = cn * P;
-  for (std::int64_t n = 0; n < cn; ++n)
-    for (std::int64_t o = 0; o < s.O; ++o) std::copy(g + (n * s.O + o) * P, g + (n * s.O + o + 1) * P, gc + o * L + n * P);
+  parallel_blocks(cn * s.O, P, [&](std::int64_t t0, std::int64_t t1) {
+    for (std::int64_t t = t0; t < t1; ++t) {
+      const std::int64_t n = t / s.O, o = t % s.O;
+      std::copy(g + t * P, g + (t + 1) * P, gc + o * L + n * P);
+    }
+  });
 }
 }  // namespace
 
@@ -281,10 +303,13 @@ void conv2d_backward_weight(const ConvShape& s, const T* g, const T* x, T* dw) {
 template <class T>
 void conv2d_backward_bias(const ConvShape& s, const T* g, T* db) {
   const std::int64_t P = s.out_plane();
-  std::vector<double> acc(s.O, 0.0);
-  for (std::int64_t n = 0; n < s.N; ++n)
-    for (std::int64_t o = 0; o < s.O; ++o) acc[o] += row_sum(g + (n * s.O + o) * P, P);
-  for (std::int64_t o = 0; o < s.O; ++o) db[o] = static_cast<T>(acc[o]);
+  parallel_blocks(s.O, s.N * P, [&](std::int64_t o0, std::int64_t o1) {
+    for (std::int64_t o = o0; o < o1; ++o) {
+      double acc = 0;
+      for (std::int64_t n = 0; n < s.N; ++n) acc += row_sum(g + (n * s.O + o) * P, P);
+      db[o] = static_cast<T>(acc);
+    }
+  });
 }
 
 #define CG_INSTANTIATE(T)                                                                   \

@@ -9,6 +9,7 @@
 //   backward bias    db[o]   = sum_{n, hw} g[n, o, hw]
 // where CKK = C*kh*kw and cols(.) has row (c, i, j) and column (ho, wo).
 #include <cstdint>
+#include <functional>
 
 namespace chaingrad::kernels {
 
@@ -23,6 +24,15 @@ struct ConvShape {
   // A 1x1 kernel with unit stride and no padding: the image is its own column matrix.
   bool pointwise() const { return kh == 1 && kw == 1 && stride == 1 && pad == 0; }
 };
+
+// Calls fn(lo, hi) on blocks that cover [0, items) once, in parallel on chaingrad's pool when the
+// work (items * work_per_item element operations) is worth it. The blocks are cut by the sizes
+// alone, never by the thread count, and fn must write disjoint outputs per item, so results do not
+// depend on the number of threads. fn must not call gemm (a product inside a parallel_for would
+// wait for the pool that runs it).
+inline constexpr int kMaxBlocks = 8;
+void parallel_blocks(std::int64_t items, std::int64_t work_per_item,
+                     const std::function<void(std::int64_t, std::int64_t)>& fn);
 
 // cols [C*kh*kw, N*Ho*Wo] <- patches of img [N, C, H, W] (column order (n, ho, wo)); O is unused.
 template <class T>
