@@ -20,8 +20,8 @@ void parallel_blocks(std::int64_t items, std::int64_t work_per_item,
 
 namespace {
 
-// A per-thread buffer for one sample's columns; it grows to the largest layer once and is reused,
-// so a warm training step allocates nothing here.
+// Per-thread buffers (kSlot 0: a chunk's columns, 1: its [O, nb*P] product or gradient); each grows
+// to the largest layer once and is reused, so a warm training step allocates nothing here.
 template <class T, int kSlot>
 T* scratch(std::int64_t n) {
   thread_local std::vector<T> buf;

@@ -1,7 +1,10 @@
 #pragma once
-// 2-D convolution on contiguous NCHW data, one sample at a time: the sample's patches are unrolled
-// (im2col) into a scratch buffer that stays in cache, and one GEMM per sample reads or writes the
-// NCHW tensor in place, so no [O, N*Ho*Wo] intermediate and no permute is needed. No autograd.
+// 2-D convolution on contiguous NCHW data, a chunk of nb samples at a time: the chunk's patches are
+// unrolled (im2col) into a scratch buffer that stays in L2, and one GEMM per chunk computes it.
+// With nb = 1 the GEMM reads or writes the NCHW tensor in place; with nb > 1 (small Ho*Wo, where a
+// single sample makes too thin a product) its [O, nb*Ho*Wo] result or operand is copied from or to
+// NCHW while still in cache. Either way there is no batch-sized [O, N*Ho*Wo] intermediate and no
+// permute pass over memory. No autograd.
 //
 //   forward          out[n]  = W [O, CKK] x cols(x[n]) [CKK, HoWo]   (+ bias, as the GEMM's C operand)
 //   backward input   dx[n]   = col2im(W^T [CKK, O] x g[n] [O, HoWo])
