@@ -42,9 +42,11 @@ Cache& cache() {
 // Buffers of at most 512 bytes (scalars, biases of small layers) are recycled through per-thread
 // lists without a lock: the scalar workload allocates a few of them per op.
 constexpr std::size_t kSmallMax = 512;
+thread_local bool small_cache_dead = false;  // set at thread exit: then buffers go to free()
 struct SmallCache {
   std::vector<void*> lists[kSmallMax / 64 + 1];
   ~SmallCache() {
+    small_cache_dead = true;
     for (auto& l : lists)
       for (void* p : l) std::free(p);
   }
@@ -54,6 +56,28 @@ SmallCache& small_cache() {
   return c;
 }
 
+// Per-thread free lists of fixed-size object blocks (allocator::allocate_object, inline in
+// storage.hpp), one list per 16-byte size class. A list holds at most kListCap blocks, so a thread
+// that only frees what others allocate does not hoard memory. A reaper, registered the first time
+// a thread's list is empty (first allocation, or first free into an empty list), returns the
+// blocks at thread exit; after that (tensors destroyed during static destruction, say) blocks go
+// straight to operator new/delete.
+struct ObjectCacheReaper {
+  bool armed = false;
+  ~ObjectCacheReaper() {
+    allocator::pool::Cache& c = allocator::pool::cache;
+    c.dead = true;
+    for (std::size_t i = 0; i < allocator::pool::kClasses; ++i) {
+      while (allocator::pool::FreeBlock* b = c.head[i]) {
+        c.head[i] = b->next;
+        ::operator delete(b);
+      }
+      c.count[i] = 0;
+    }
+  }
+};
+thread_local ObjectCacheReaper object_cache_reaper;
+
 }  // namespace
 
 namespace allocator {
@@ -62,12 +86,14 @@ void* allocate(std::size_t nbytes) {
   const std::size_t cls = size_class(std::max<std::size_t>(nbytes, 1));
   Cache& c = cache();
   if (cls <= kSmallMax) {
-    auto& list = small_cache().lists[cls / 64];
-    if (!list.empty()) {
-      void* p = list.back();
-      list.pop_back();
-      c.small_hits.fetch_add(1, std::memory_order_relaxed);
-      return p;
+    if (!small_cache_dead) {
+      auto& list = small_cache().lists[cls / 64];
+      if (!list.empty()) {
+        void* p = list.back();
+        list.pop_back();
+        c.small_hits.fetch_add(1, std::memory_order_relaxed);
+        return p;
+      }
     }
     void* p = std::aligned_alloc(kAlignment, cls);
     if (!p) throw std::bad_alloc();
@@ -100,6 +126,7 @@ void deallocate(void* p, std::size_t nbytes) noexcept {
   if (!p) return;
   const std::size_t cls = size_class(std::max<std::size_t>(nbytes, 1));
   if (cls <= kSmallMax) {
+    if (small_cache_dead) return std::free(p);
     try {
       small_cache().lists[cls / 64].push_back(p);
     } catch (...) {
@@ -137,9 +164,32 @@ void empty_cache() {
   c.stats.bytes_cached = 0;
 }
 
+namespace pool {
+thread_local constinit Cache cache{};
+
+void* allocate_slow(std::size_t cls) {
+  if (!cache.dead) object_cache_reaper.armed = true;  // first touch registers the reaper
+  return ::operator new((cls + 1) * kGranule);
+}
+
+void deallocate_slow(void* p, std::size_t cls) noexcept {
+  if (!p) return;
+  Cache& c = cache;
+  if (c.dead || c.count[cls] >= kListCap) return ::operator delete(p);
+  object_cache_reaper.armed = true;  // a thread that only frees needs it too
+  auto* b = static_cast<FreeBlock*>(p);
+  b->next = c.head[cls];
+  c.head[cls] = b;
+  ++c.count[cls];
+}
+}  // namespace pool
+
 }  // namespace allocator
 
-Storage::Storage(std::size_t nbytes) : data_(allocator::allocate(nbytes)), nbytes_(nbytes) {}
-Storage::~Storage() { allocator::deallocate(data_, nbytes_); }
+Storage::Storage(std::size_t nbytes)
+    : data_(nbytes <= kInlineBytes ? static_cast<void*>(inline_) : allocator::allocate(nbytes)), nbytes_(nbytes) {}
+Storage::~Storage() {
+  if (data_ != inline_) allocator::deallocate(data_, nbytes_);
+}
 
 }  // namespace chaingrad

@@ -74,9 +74,7 @@ void Tensor::set_grad(const Tensor& g) {
   impl_->grad_impl = g.impl_ptr();
 }
 
-void Tensor::backward(const Tensor& grad_output, bool retain_graph, bool create_graph) const {
-  autograd::backward({*this}, {grad_output}, {.retain_graph = retain_graph, .create_graph = create_graph});
-}
+// Tensor::backward is defined in autograd/engine.cpp.
 
 void Tensor::register_hook(GradHook hook) const {
   CG_CHECK(requires_grad(), AutogradError,
@@ -107,7 +105,7 @@ void Tensor::retain_grad() const {
 }
 
 Tensor Tensor::detach() const {
-  auto impl = std::make_shared<TensorImpl>();
+  auto impl = detail::make_pooled<TensorImpl>();
   impl->storage = impl_->storage;
   impl->shape = impl_->shape;
   impl->strides = impl_->strides;
@@ -310,8 +308,8 @@ std::ostream& operator<<(std::ostream& os, const Tensor& t) { return os << t.to_
 Tensor empty(const Dims& shape, DType dtype) {
   for (int i = 0; i < shape.size(); ++i)
     CG_CHECK(shape[i] >= 0, ShapeError, "empty: negative dimension ", shape[i], " in shape ", shape);
-  auto impl = std::make_shared<TensorImpl>();
-  impl->storage = std::make_shared<Storage>(static_cast<std::size_t>(shape.numel()) * element_size(dtype));
+  auto impl = detail::make_pooled<TensorImpl>();
+  impl->storage = detail::make_pooled<Storage>(static_cast<std::size_t>(shape.numel()) * element_size(dtype));
   impl->shape = shape;
   impl->strides = contiguous_strides(shape);
   impl->dtype = dtype;

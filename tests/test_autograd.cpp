@@ -4,6 +4,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdint>
+#include <thread>
+#include <vector>
 
 #include "chaingrad/chaingrad.hpp"
 #include "gradcheck.hpp"
@@ -342,4 +345,107 @@ TEST(Numerics, PowWithTensorExponentAtZeroBase) {
   cg::pow(x, e).backward();
   EXPECT_DOUBLE_EQ(e.grad().item(), 0.0);
   EXPECT_DOUBLE_EQ(x.grad().item(), 0.0);
+}
+
+// ---- the scalar fast paths (pooled objects, inline storage, fused backward, stolen gradients)
+
+// The seed network on float32 0-d tensors, the scalar benchmark's workload: every step after the
+// first reuses pooled tensor heads, storages and nodes, and must give the same gradients.
+TEST(ScalarFastPath, RepeatedStepsGiveTheSameGradients) {
+  const cg::TensorOptions rg{.dtype = cg::DType::Float32, .requires_grad = true};
+  Tensor w1 = cg::scalar(0.5, rg), b1 = cg::scalar(0.1, rg), w2 = cg::scalar(-0.3, rg), b2 = cg::scalar(0.2, rg);
+  const Tensor x = cg::scalar(1.5, {.dtype = cg::DType::Float32}), t = cg::scalar(0.8, {.dtype = cg::DType::Float32});
+  const double Z1 = 0.5 * 1.5 + 0.1, H = sig(Z1), Z2 = -0.3 * H + 0.2, Y = sig(Z2);
+  const double d = 2 * (Y - 0.8) * dsig(Z2);
+  for (int step = 0; step < 5; ++step) {
+    Tensor L = cg::pow(cg::sigmoid(w2 * cg::sigmoid(w1 * x + b1) + b2) - t, 2.0);
+    L.backward();
+    EXPECT_NEAR(w1.grad().item(), d * -0.3 * dsig(Z1) * 1.5, 1e-6);
+    EXPECT_NEAR(b1.grad().item(), d * -0.3 * dsig(Z1), 1e-6);
+    EXPECT_NEAR(w2.grad().item(), d * H, 1e-6);
+    EXPECT_NEAR(b2.grad().item(), d, 1e-6);
+    EXPECT_EQ(w1.grad().dtype(), cg::DType::Float32);
+    for (Tensor* p : {&w1, &b1, &w2, &b2}) p->zero_grad();
+  }
+}
+
+// add's backward hands the same gradient to both inputs: each leaf must get its own buffer.
+TEST(ScalarFastPath, SharedGradientIsNotAliasedIntoTwoLeaves) {
+  Tensor a = s(1.0, true), b = s(2.0, true);
+  (a + b).backward();
+  EXPECT_NE(a.grad().storage(), b.grad().storage());
+  {
+    cg::NoGradGuard ng;
+    a.grad().mul_(5.0);
+  }
+  EXPECT_DOUBLE_EQ(a.grad().item(), 5.0);
+  EXPECT_DOUBLE_EQ(b.grad().item(), 1.0);
+  // A second backward accumulates in place into the (owned) buffers.
+  Tensor c = a * b;
+  c.backward();
+  EXPECT_DOUBLE_EQ(a.grad().item(), 7.0);
+  EXPECT_DOUBLE_EQ(b.grad().item(), 2.0);
+}
+
+// pow's backward without create_graph is one fused pass; it must agree with the composed rule
+// that create_graph uses, for the special-cased exponents and a general one.
+TEST(ScalarFastPath, FusedPowBackwardMatchesComposedRule) {
+  for (double p : {2.0, 3.0, 0.5, -1.5, 1.0}) {
+    for (cg::DType dt : {cg::DType::Float32, cg::DType::Float64}) {
+      Tensor x = cg::tensor({0.7, 1.3, 2.1}, true, dt);
+      cg::sum(cg::pow(x, p) * 1.5).backward();  // fused
+      Tensor fused = x.grad();
+      x.zero_grad();
+      cg::sum(cg::pow(x, p) * 1.5).backward({}, false, /*create_graph=*/true);  // composed
+      for (std::int64_t i = 0; i < 3; ++i) {
+        const double xv = x.at({i});
+        EXPECT_NEAR(fused.at({i}), 1.5 * p * std::pow(xv, p - 1.0), dt == cg::DType::Float32 ? 1e-5 : 1e-12)
+            << "p=" << p;
+        EXPECT_NEAR(fused.at({i}), x.grad().at({i}), dt == cg::DType::Float32 ? 1e-5 : 1e-12) << "p=" << p;
+      }
+      x.zero_grad();  // .grad from create_graph holds a graph that saved x: break the cycle
+    }
+  }
+}
+
+// Tiny tensors keep their data inside the Storage; bigger ones use the caching allocator. Both
+// are aligned for any element type, and views share them.
+TEST(ScalarFastPath, InlineAndHeapStorageAcrossTheBoundary) {
+  for (std::int64_t n : {0, 1, 3, 4, 5, 8, 64}) {
+    Tensor t = cg::arange(0.0, static_cast<double>(n), 1.0, {.dtype = cg::DType::Float64});
+    EXPECT_EQ(reinterpret_cast<std::uintptr_t>(t.raw_data()) % 16, 0u) << n;
+    std::vector<double> v = t.to_vector<double>();
+    ASSERT_EQ(static_cast<std::int64_t>(v.size()), n);
+    for (std::int64_t i = 0; i < n; ++i) EXPECT_EQ(v[i], static_cast<double>(i));
+    if (n >= 2) {
+      Tensor view = t.slice(0, 1, n);
+      EXPECT_EQ(view.storage(), t.storage());
+      EXPECT_EQ(view.at({0}), 1.0);
+    }
+  }
+}
+
+// Ops with more than three inputs spill the node's inline edge list to the heap.
+TEST(ScalarFastPath, NodeWithManyInputs) {
+  std::vector<Tensor> xs;
+  for (int i = 0; i < 7; ++i) xs.push_back(s(i + 1.0, true));
+  Tensor L = cg::sum(cg::stack(xs, 0) * cg::stack(xs, 0));
+  L.backward();
+  for (int i = 0; i < 7; ++i) EXPECT_DOUBLE_EQ(xs[i].grad().item(), 2.0 * (i + 1.0));
+}
+
+// Tensors, nodes and their pooled blocks may be made on one thread and freed on another.
+TEST(ScalarFastPath, GraphsCrossThreads) {
+  Tensor w = s(0.5, true);
+  Tensor L;
+  std::thread([&] { L = cg::pow(cg::sigmoid(w * 3.0) - 1.0, 2.0); }).join();
+  std::thread([&] { L.backward(); }).join();
+  const double y = sig(1.5);
+  EXPECT_NEAR(w.grad().item(), 2 * (y - 1.0) * dsig(1.5) * 3.0, 1e-12);
+  std::thread([&] {
+    L = Tensor();
+    w.zero_grad();
+    for (int i = 0; i < 1000; ++i) (w * 2.0).backward();  // this thread's pool, many blocks
+  }).join();
+  EXPECT_DOUBLE_EQ(w.grad().item(), 2000.0);
 }

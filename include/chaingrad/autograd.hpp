@@ -53,8 +53,16 @@ struct InputMeta {
 
 class Node;
 namespace detail {
-void record_node(const std::shared_ptr<Node>& node, std::span<const Tensor> inputs, Tensor& output);
-}
+// A non-owning reference to an op's input, so that `record("mul", {a, b}, ...)` and
+// `any_requires_grad({a, b})` copy no Tensor handles (each copy is an atomic increment and
+// decrement). Binding a temporary is fine: it lives to the end of the full expression.
+struct TensorRef {
+  TensorRef(const Tensor& t) : tensor(&t) {}  // NOLINT: implicit by design
+  const Tensor& get() const { return *tensor; }
+  const Tensor* tensor;
+};
+void record_node(std::shared_ptr<Node> node, std::span<const TensorRef> inputs, Tensor& output);
+}  // namespace detail
 
 class Node : public std::enable_shared_from_this<Node> {
  public:
@@ -89,7 +97,7 @@ class Node : public std::enable_shared_from_this<Node> {
 
  protected:
   friend class Engine;
-  friend void detail::record_node(const std::shared_ptr<Node>&, std::span<const Tensor>, Tensor&);
+  friend void detail::record_node(std::shared_ptr<Node>, std::span<const detail::TensorRef>, Tensor&);
   Edges next_edges_;
   InputMetas input_meta_;
   InputMeta output_meta_{};
@@ -207,8 +215,11 @@ namespace detail {
 
 // True when grad mode is on and some input requires grad.
 bool any_requires_grad(std::span<const Tensor> inputs);
-inline bool any_requires_grad(std::initializer_list<Tensor> inputs) {
-  return any_requires_grad(std::span<const Tensor>(inputs.begin(), inputs.size()));
+inline bool any_requires_grad(std::initializer_list<TensorRef> inputs) {
+  if (!GradMode::is_enabled()) return false;
+  for (const TensorRef& r : inputs)
+    if (r.get().defined() && r.get().requires_grad()) return true;
+  return false;
 }
 
 // A node whose backward is a lambda `GradList(const Tensor& grad_output, const Node& self)`;
@@ -234,18 +245,18 @@ class FunctionNode final : public Node {
   std::optional<F> fn_;
 };
 
-void record_node(const std::shared_ptr<Node>& node, std::span<const Tensor> inputs, Tensor& output);
+void record_node(std::shared_ptr<Node> node, std::span<const Tensor> inputs, Tensor& output);
 
-// Records `output = name(inputs...)` with backward `fn` when any input requires grad.
+// Records `output = name(inputs...)` with backward `fn` when any input requires grad. The node and
+// its control block come from the per-thread object pool (storage.hpp).
 template <class F>
-void record(const char* name, std::initializer_list<Tensor> inputs, Tensor& output, F&& fn) {
-  auto node = std::make_shared<FunctionNode<std::decay_t<F>>>(name, std::forward<F>(fn));
-  record_node(node, std::span<const Tensor>(inputs.begin(), inputs.size()), output);
+void record(const char* name, std::initializer_list<TensorRef> inputs, Tensor& output, F&& fn) {
+  record_node(make_pooled<FunctionNode<std::decay_t<F>>>(name, std::forward<F>(fn)),
+              std::span<const TensorRef>(inputs.begin(), inputs.size()), output);
 }
 template <class F>
 void record(const char* name, std::span<const Tensor> inputs, Tensor& output, F&& fn) {
-  auto node = std::make_shared<FunctionNode<std::decay_t<F>>>(name, std::forward<F>(fn));
-  record_node(node, inputs, output);
+  record_node(make_pooled<FunctionNode<std::decay_t<F>>>(name, std::forward<F>(fn)), inputs, output);
 }
 
 }  // namespace detail

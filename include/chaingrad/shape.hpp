@@ -20,6 +20,15 @@ class Dims {
   Dims() = default;
   Dims(std::initializer_list<std::int64_t> v) { assign(v.begin(), v.end()); }
   explicit Dims(std::span<const std::int64_t> v) { assign(v.begin(), v.end()); }
+  // Copies only the used extents: a 0-d or 2-d shape costs a few moves, not 72 bytes.
+  Dims(const Dims& o) noexcept : n_(o.n_) {
+    for (int i = 0; i < n_; ++i) v_[i] = o.v_[i];
+  }
+  Dims& operator=(const Dims& o) noexcept {
+    n_ = o.n_;
+    for (int i = 0; i < n_; ++i) v_[i] = o.v_[i];
+    return *this;
+  }
   Dims(const std::vector<std::int64_t>& v) { assign(v.begin(), v.end()); }  // NOLINT: implicit is the point
   static Dims filled(int n, std::int64_t value) {
     Dims d;
@@ -75,7 +84,8 @@ class Dims {
     n_ = 0;
     for (; first != last; ++first) push_back(*first);
   }
-  std::int64_t v_[kMaxDims] = {};
+  // Only the first n_ entries are meaningful (and initialized); nothing reads past them.
+  std::int64_t v_[kMaxDims];
   int n_ = 0;
 };
 

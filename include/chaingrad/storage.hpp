@@ -1,10 +1,12 @@
 #pragma once
-// Storage: a reference-counted, 64-byte-aligned buffer shared by a tensor and its views.
+// Storage: a reference-counted, 64-byte-aligned buffer shared by a tensor and its views (tensors
+// of at most 32 bytes keep their data inline in the Storage, 16-byte aligned).
 // Buffers come from a caching allocator: once a training step has run, the next identical
 // step finds every buffer it needs in the cache and asks the OS for nothing.
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <utility>
 
 namespace chaingrad {
 
@@ -21,10 +23,106 @@ void* allocate(std::size_t nbytes);
 void deallocate(void* p, std::size_t nbytes) noexcept;
 AllocatorStats stats();
 void empty_cache();  // returns every cached buffer to the OS
+
+// Blocks for the small objects every op creates (tensor heads, storages, graph nodes), recycled
+// through per-thread free lists: no malloc and no lock once warm. A block may be freed on another
+// thread than the one that allocated it (it joins that thread's list). Blocks are 16-byte aligned.
+inline constexpr std::size_t kMaxPooledObject = 1024;
+
+namespace pool {  // the per-thread free lists behind allocate_object (storage.cpp has the rest)
+inline constexpr std::size_t kGranule = 16;
+inline constexpr std::size_t kClasses = kMaxPooledObject / kGranule;
+inline constexpr std::uint32_t kListCap = 4096;  // blocks kept per class; beyond, back to the OS
+struct FreeBlock {
+  FreeBlock* next;
+};
+// Trivially destructible and constant-initialized, so the inline fast paths below read it with
+// no TLS guard; storage.cpp registers a reaper that empties it (and sets `dead`) at thread exit.
+struct Cache {
+  FreeBlock* head[kClasses];
+  std::uint32_t count[kClasses];
+  bool dead;
+};
+extern thread_local constinit Cache cache;
+constexpr std::size_t size_class(std::size_t nbytes) { return (nbytes + kGranule - 1) / kGranule - 1; }
+void* allocate_slow(std::size_t cls);
+void deallocate_slow(void* p, std::size_t cls) noexcept;
+}  // namespace pool
+
+#if defined(__SANITIZE_ADDRESS__)
+#define CHAINGRAD_POOL_BYPASS 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define CHAINGRAD_POOL_BYPASS 1
+#endif
+#endif
+
+// nbytes in [1, kMaxPooledObject]. Under AddressSanitizer every block comes from operator new, so
+// a use after free of a tensor head or node is reported rather than hidden by the free list.
+#ifdef CHAINGRAD_POOL_BYPASS
+inline void* allocate_object(std::size_t nbytes) { return ::operator new(nbytes); }
+inline void deallocate_object(void* p, std::size_t) noexcept { ::operator delete(p); }
+#else
+inline void* allocate_object(std::size_t nbytes) {
+  const std::size_t cls = pool::size_class(nbytes);
+  pool::Cache& c = pool::cache;
+  if (pool::FreeBlock* b = c.head[cls]) {
+    c.head[cls] = b->next;
+    --c.count[cls];
+    return b;
+  }
+  return pool::allocate_slow(cls);
+}
+inline void deallocate_object(void* p, std::size_t nbytes) noexcept {
+  const std::size_t cls = pool::size_class(nbytes);
+  pool::Cache& c = pool::cache;
+  const std::uint32_t n = c.count[cls];
+  if (n == 0 || n >= pool::kListCap || !p) return pool::deallocate_slow(p, cls);  // (dead: all counts are 0)
+  auto* b = static_cast<pool::FreeBlock*>(p);
+  b->next = c.head[cls];
+  c.head[cls] = b;
+  c.count[cls] = n + 1;
+}
+#endif
 }  // namespace allocator
+
+namespace detail {
+// A std::allocator replacement over allocator::allocate_object, for allocate_shared.
+template <class T>
+struct PoolAllocator {
+  using value_type = T;
+  PoolAllocator() = default;
+  template <class U>
+  PoolAllocator(const PoolAllocator<U>&) noexcept {}  // NOLINT: rebinding is implicit by design
+  T* allocate(std::size_t n) {
+    static_assert(alignof(T) <= 16, "PoolAllocator: blocks are 16-byte aligned");
+    const std::size_t bytes = n * sizeof(T);
+    if (bytes > allocator::kMaxPooledObject) return static_cast<T*>(::operator new(bytes));
+    return static_cast<T*>(allocator::allocate_object(bytes));
+  }
+  void deallocate(T* p, std::size_t n) noexcept {
+    const std::size_t bytes = n * sizeof(T);
+    if (bytes > allocator::kMaxPooledObject) return ::operator delete(p);
+    allocator::deallocate_object(p, bytes);
+  }
+  template <class U>
+  bool operator==(const PoolAllocator<U>&) const noexcept {
+    return true;
+  }
+};
+// std::make_shared with the object and its control block in one pooled block.
+template <class T, class... Args>
+std::shared_ptr<T> make_pooled(Args&&... args) {
+  return std::allocate_shared<T>(PoolAllocator<T>(), std::forward<Args>(args)...);
+}
+}  // namespace detail
 
 class Storage {
  public:
+  // Buffers up to this size (0-d and tiny tensors) live inside the Storage object itself, so a
+  // scalar costs one pooled block for its storage instead of two allocations.
+  static constexpr std::size_t kInlineBytes = 32;
+
   explicit Storage(std::size_t nbytes);
   ~Storage();
   Storage(const Storage&) = delete;
@@ -41,6 +139,7 @@ class Storage {
   void* data_;
   std::size_t nbytes_;
   std::uint32_t version_ = 0;
+  alignas(16) unsigned char inline_[kInlineBytes];
 };
 
 }  // namespace chaingrad

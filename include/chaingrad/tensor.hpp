@@ -32,7 +32,9 @@ struct TensorImpl {
   bool retains_grad = false;
   std::shared_ptr<Node> grad_fn;          // null for leaves and for tensors outside the graph
   std::shared_ptr<TensorImpl> grad_impl;  // .grad, as an impl so Tensor stays incomplete-free here
-  std::weak_ptr<Node> grad_accumulator;   // leaves: the node that adds into .grad
+  // Leaves: the node that adds into .grad, made on first use and kept (it refers to the leaf only
+  // weakly, so this is no cycle), so recording an op on a parameter creates no node for it.
+  std::shared_ptr<Node> grad_accumulator;
   std::vector<GradHook> hooks;            // leaves only; non-leaf hooks live on grad_fn
   std::string name;                       // optional label, shown by the explainer and in errors
 };

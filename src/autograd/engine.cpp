@@ -3,6 +3,7 @@
 // reduction and dtype restoration for every input gradient (pattern 3: the engine owns plumbing).
 #include <algorithm>
 #include <memory>
+#include <span>
 #include <unordered_map>
 
 #include "chaingrad/autograd.hpp"
@@ -33,7 +34,7 @@ class Engine {
     return s;
   }
 
-  static void run(const std::vector<std::shared_ptr<Node>>& roots, const std::vector<Tensor>& root_grads,
+  static void run(std::span<const std::shared_ptr<Node>> roots, std::span<const Tensor> root_grads,
                   const autograd::BackwardOptions& opt, Capture* capture) {
     static thread_local int depth = 0;
     Scratch& scratch = acquire_scratch(depth);
@@ -92,7 +93,7 @@ class Engine {
       ready.push_back(n);
       std::push_heap(ready.begin(), ready.end(), by_sequence);
     };
-    for (std::size_t i = 0; i < roots.size(); ++i) accumulate(*roots[i], root_grads[i], opt);
+    for (std::size_t i = 0; i < roots.size(); ++i) accumulate(*roots[i], Tensor(root_grads[i]), opt);
     std::vector<Node*>& seeded = scratch.seeded;
     for (const auto& r : roots) {
       if (r->dependencies_ == 0 && std::find(seeded.begin(), seeded.end(), r.get()) == seeded.end()) {
@@ -102,12 +103,12 @@ class Engine {
     }
 
     EnableGradGuard grad_mode(opt.create_graph);
+    const bool anomaly = AnomalyMode::is_enabled();
     while (!ready.empty()) {
       std::pop_heap(ready.begin(), ready.end(), by_sequence);
       Node* node = ready.back();
       ready.pop_back();
-      Tensor grad = std::move(node->input_buffer_);
-      node->input_buffer_ = Tensor();
+      Tensor grad = std::move(node->input_buffer_);  // (leaves the buffer empty)
 
       if (capture) {
         auto it = std::find(capture->targets.begin(), capture->targets.end(), node);
@@ -117,29 +118,20 @@ class Engine {
         }
       }
 
-      GradList grads;
       const bool run_node = grad.defined() && node->needed_ && !(capture && node->is_accumulate_grad());
-      if (run_node) {
-        for (auto& hook : node->pre_hooks_) {
-          Tensor r = hook(grad);
-          if (r.defined()) grad = r;
-        }
-        if (opt.observer) opt.observer->on_node(*node, grad);
-        grads = node->apply(grad);
-        if (!opt.retain_graph) {
-          node->release_saved();
-          node->released_ = true;
-        }
-        CG_ASSERT(grads.empty() || grads.size() == node->next_edges_.size());
-      }
+      // Initialized in place from apply()'s result (no default construction and move).
+      GradList grads = run_node ? run_one(*node, grad, opt) : GradList();
 
       for (std::size_t i = 0; i < node->next_edges_.size(); ++i) {
         Node* next = node->next_edges_[i].get();
         if (!next) continue;
         if (i < grads.size() && grads[i].defined()) {
-          Tensor g = fit_to_input(*node, i, std::move(grads[i]));
-          if (opt.observer) opt.observer->on_input_grad(*node, i, g);
-          if (next->input_buffer_.defined() && opt.observer) opt.observer->on_accumulate(*next, next->input_buffer_, g);
+          Tensor& g = grads[i];
+          fit_to_input(*node, i, g, anomaly);
+          if (opt.observer) {
+            opt.observer->on_input_grad(*node, i, g);
+            if (next->input_buffer_.defined()) opt.observer->on_accumulate(*next, next->input_buffer_, g);
+          }
           accumulate(*next, std::move(g), opt);
         }
         if (--next->dependencies_ == 0) push_ready(next);
@@ -148,8 +140,24 @@ class Engine {
   }
 
  private:
-  // Reduces a broadcast gradient to the input's shape and restores its dtype.
-  static Tensor fit_to_input(const Node& node, std::size_t i, Tensor g) {
+  // Runs the node's hooks and backward on its summed upstream gradient; frees its saved values.
+  static GradList run_one(Node& node, Tensor& grad, const autograd::BackwardOptions& opt) {
+    for (auto& hook : node.pre_hooks_) {
+      Tensor r = hook(grad);
+      if (r.defined()) grad = r;
+    }
+    if (opt.observer) opt.observer->on_node(node, grad);
+    GradList grads = node.apply(grad);
+    if (!opt.retain_graph) {
+      node.release_saved();
+      node.released_ = true;
+    }
+    CG_ASSERT(grads.empty() || grads.size() == node.next_edges_.size());
+    return grads;
+  }
+
+  // Reduces a broadcast gradient to the input's shape and restores its dtype, in place.
+  static void fit_to_input(const Node& node, std::size_t i, Tensor& g, bool anomaly) {
     const InputMeta& meta = node.input_meta_[i];
     if (!(g.shape() == meta.shape)) {
       CG_CHECK(g.numel() >= meta.shape.numel(), InternalError, node.name(), ": backward returned a gradient of shape ",
@@ -157,15 +165,14 @@ class Engine {
       g = sum_to(g, meta.shape);
     }
     if (g.dtype() != meta.dtype) g = cast(g, meta.dtype);
-    if (AnomalyMode::is_enabled() && !isfinite_all(g)) {
+    if (anomaly && !isfinite_all(g)) {
       detail::throw_error<ValueError>("anomaly detected: the backward of ", node.name(),
                                       " produced a non-finite gradient (NaN or Inf) for its input ", i, " of shape ",
                                       meta.shape, " (op #", node.sequence_nr(), ")");
     }
-    return g;
   }
 
-  static void accumulate(Node& target, Tensor g, const autograd::BackwardOptions& opt) {
+  static void accumulate(Node& target, Tensor&& g, const autograd::BackwardOptions& opt) {
     if (!g.defined()) return;
     Tensor& buf = target.input_buffer_;
     if (!buf.defined()) {
@@ -213,29 +220,33 @@ class Engine {
 namespace autograd {
 namespace {
 
+// Checks output `i` and its upstream gradient; `g` becomes ones for a one-element output.
+void prepare_root(const Tensor& out, const Tensor& grad_output, std::size_t i, std::shared_ptr<Node>& root, Tensor& g) {
+  CG_CHECK(out.defined(), ValueError, "backward: output ", i, " is undefined");
+  CG_CHECK(out.requires_grad(), AutogradError, "backward: output ", i,
+           " does not require grad and has no grad_fn (was it computed under no_grad, or from tensors "
+           "without requires_grad?)");
+  g = grad_output;
+  if (!g.defined()) {
+    CG_CHECK(out.numel() == 1, ValueError,
+             "backward: a gradient can be created implicitly only for one-element outputs; got shape ",
+             out.shape(), " (pass grad_output)");
+    g = ones(out.shape(), {.dtype = out.dtype()});
+  } else {
+    CG_CHECK(g.shape() == out.shape(), ShapeError, "backward: grad_output has shape ", g.shape(),
+             " but the output has shape ", out.shape());
+  }
+  root = gradient_edge(out);
+}
+
 void prepare_roots(const std::vector<Tensor>& outputs, const std::vector<Tensor>& grad_outputs,
                    std::vector<std::shared_ptr<Node>>& roots, std::vector<Tensor>& grads) {
   CG_CHECK(grad_outputs.empty() || grad_outputs.size() == outputs.size(), ValueError, "backward: got ",
            outputs.size(), " outputs but ", grad_outputs.size(), " gradients");
-  for (std::size_t i = 0; i < outputs.size(); ++i) {
-    const Tensor& out = outputs[i];
-    CG_CHECK(out.defined(), ValueError, "backward: output ", i, " is undefined");
-    CG_CHECK(out.requires_grad(), AutogradError, "backward: output ", i,
-             " does not require grad and has no grad_fn (was it computed under no_grad, or from tensors "
-             "without requires_grad?)");
-    Tensor g = grad_outputs.empty() ? Tensor() : grad_outputs[i];
-    if (!g.defined()) {
-      CG_CHECK(out.numel() == 1, ValueError,
-               "backward: a gradient can be created implicitly only for one-element outputs; got shape ",
-               out.shape(), " (pass grad_output)");
-      g = ones(out.shape(), {.dtype = out.dtype()});
-    } else {
-      CG_CHECK(g.shape() == out.shape(), ShapeError, "backward: grad_output has shape ", g.shape(),
-               " but the output has shape ", out.shape());
-    }
-    roots.push_back(gradient_edge(out));
-    grads.push_back(std::move(g));
-  }
+  roots.resize(outputs.size());
+  grads.resize(outputs.size());
+  for (std::size_t i = 0; i < outputs.size(); ++i)
+    prepare_root(outputs[i], grad_outputs.empty() ? Tensor() : grad_outputs[i], i, roots[i], grads[i]);
 }
 
 }  // namespace
@@ -276,4 +287,14 @@ std::vector<Tensor> grad(const std::vector<Tensor>& outputs, const std::vector<T
 }
 
 }  // namespace autograd
+
+// The usual case, one output: no vectors for the roots and their gradients.
+void Tensor::backward(const Tensor& grad_output, bool retain_graph, bool create_graph) const {
+  std::shared_ptr<Node> root;
+  Tensor g;
+  autograd::prepare_root(*this, grad_output, 0, root, g);
+  Engine::run(std::span<const std::shared_ptr<Node>>(&root, 1), std::span<const Tensor>(&g, 1),
+              {.retain_graph = retain_graph, .create_graph = create_graph}, nullptr);
+}
+
 }  // namespace chaingrad

@@ -13,6 +13,12 @@ std::atomic<std::uint64_t> next_sequence_nr{0};
 // While a graph is being torn down, nodes whose last owner goes away are parked here instead of
 // being destroyed recursively, so a chain of 100,000 nodes frees in a loop (pattern 4).
 thread_local std::vector<std::shared_ptr<Node>>* pending_deletes = nullptr;
+thread_local bool delete_stack_dead = false;
+struct DeleteStack {
+  std::vector<std::shared_ptr<Node>> nodes;
+  ~DeleteStack() { delete_stack_dead = true; }
+};
+thread_local DeleteStack delete_stack;
 }  // namespace
 
 bool GradMode::is_enabled() { return grad_mode_enabled; }
@@ -20,7 +26,22 @@ void GradMode::set_enabled(bool on) { grad_mode_enabled = on; }
 bool AnomalyMode::is_enabled() { return anomaly_mode_enabled; }
 void AnomalyMode::set_enabled(bool on) { anomaly_mode_enabled = on; }
 
-Node::Node() : sequence_nr_(next_sequence_nr.fetch_add(1, std::memory_order_relaxed)) {}
+namespace {
+// Sequence numbers are handed to each thread in blocks, so recording a node costs no atomic
+// read-modify-write; within a thread they increase with creation order, which is all the engine's
+// tie-break (most recent op first) and the explainer's numbering need.
+std::uint64_t next_sequence() {
+  constexpr std::uint64_t kBlock = 1024;
+  thread_local std::uint64_t next = 0, end = 0;
+  if (next == end) {
+    next = next_sequence_nr.fetch_add(kBlock, std::memory_order_relaxed);
+    end = next + kBlock;
+  }
+  return next++;
+}
+}  // namespace
+
+Node::Node() : sequence_nr_(next_sequence()) {}
 
 Node::~Node() {
   if (pending_deletes) {
@@ -28,7 +49,13 @@ Node::~Node() {
       if (e) pending_deletes->push_back(std::move(e));
     return;
   }
-  std::vector<std::shared_ptr<Node>> stack;
+  bool any_edge = false;
+  for (const auto& e : next_edges_) any_edge = any_edge || e != nullptr;
+  if (!any_edge) return;
+  // The work list is reused (one per thread) so freeing a graph allocates nothing once warm.
+  DeleteStack& reusable = delete_stack;
+  std::vector<std::shared_ptr<Node>> local;
+  std::vector<std::shared_ptr<Node>>& stack = delete_stack_dead ? local : reusable.nodes;
   pending_deletes = &stack;
   for (auto& e : next_edges_)
     if (e) stack.push_back(std::move(e));
@@ -84,12 +111,16 @@ GradList AccumulateGrad::apply(const Tensor& grad_output) {
     if (r.defined()) grad = r;
   }
   if (!leaf->grad_impl) {
-    if (GradMode::is_enabled())
+    if (GradMode::is_enabled()) {
       leaf->grad_impl = grad.impl_ptr();  // create_graph: .grad keeps its own graph
-    else if (grad.storage().use_count() == 1 && grad.is_contiguous() && grad.impl_ptr().use_count() <= 2)
-      leaf->grad_impl = grad.detach().impl_ptr();  // nobody else sees this buffer: take it
-    else
-      leaf->grad_impl = grad.detach().clone().impl_ptr();
+    } else if (grad.storage().use_count() == 1 && grad.is_contiguous() && grad.impl_ptr().use_count() <= 2) {
+      // Nobody else sees this buffer: take it (the handle itself when it is outside any graph).
+      const bool plain = !grad.requires_grad() && !grad.grad_fn() && grad.offset() == 0 &&
+                         grad.impl()->hooks.empty() && grad.name().empty();
+      leaf->grad_impl = plain ? grad.impl_ptr() : grad.detach().impl_ptr();
+    } else {
+      leaf->grad_impl = grad.clone().impl_ptr();  // grad mode is off: clone records nothing
+    }
   } else if (GradMode::is_enabled()) {
     leaf->grad_impl = add(Tensor(leaf->grad_impl), grad).impl_ptr();
   } else {
@@ -102,10 +133,11 @@ std::shared_ptr<Node> gradient_edge(const Tensor& t) {
   if (!t.defined() || !t.requires_grad()) return nullptr;
   if (t.grad_fn()) return t.grad_fn();
   TensorImpl* impl = t.impl();
-  if (auto acc = impl->grad_accumulator.lock()) return acc;
-  auto acc = std::make_shared<AccumulateGrad>(t.impl_ptr());
-  impl->grad_accumulator = acc;
-  return acc;
+  const std::shared_ptr<Node>& cached = impl->grad_accumulator;
+  if (cached && cached->output_meta().shape == impl->shape && cached->output_meta().dtype == impl->dtype)
+    return cached;
+  impl->grad_accumulator = detail::make_pooled<AccumulateGrad>(t.impl_ptr());
+  return impl->grad_accumulator;
 }
 
 // ---------------------------------------------------------------- recording
@@ -118,24 +150,34 @@ bool any_requires_grad(std::span<const Tensor> inputs) {
   return false;
 }
 
-void record_node(const std::shared_ptr<Node>& node, std::span<const Tensor> inputs, Tensor& output) {
+void record_node(std::shared_ptr<Node> node, std::span<const Tensor> inputs, Tensor& output) {
+  std::vector<TensorRef> refs;
+  refs.reserve(inputs.size());
+  for (const Tensor& t : inputs) refs.emplace_back(t);
+  record_node(std::move(node), std::span<const TensorRef>(refs), output);
+}
+
+void record_node(std::shared_ptr<Node> node, std::span<const TensorRef> inputs, Tensor& output) {
   node->next_edges_.reserve(inputs.size());
   node->input_meta_.reserve(inputs.size());
-  for (const Tensor& t : inputs) {
+  for (const TensorRef& ref : inputs) {
+    const Tensor& t = ref.get();
     node->next_edges_.push_back(gradient_edge(t));
     node->input_meta_.push_back(t.defined() ? InputMeta{t.shape(), t.dtype()} : InputMeta{{}, DType::Float64});
   }
   node->output_meta_ = {output.shape(), output.dtype()};
   if (!output.name().empty()) node->label_ = output.name();
-  output.impl()->grad_fn = node;
+  Node& recorded = *node;
+  output.impl()->grad_fn = std::move(node);
   output.impl()->requires_grad = true;
   if (AnomalyMode::is_enabled() && is_floating(output.dtype()) && !isfinite_all(output)) {
+    const Node* n = &recorded;
     std::ostringstream shapes;
     for (std::size_t i = 0; i < inputs.size(); ++i)
-      shapes << (i ? ", " : "") << (inputs[i].defined() ? to_string(inputs[i].shape()) : "none");
-    throw_error<ValueError>("anomaly detected: ", node->name(), " produced a non-finite value (NaN or Inf) in its ",
+      shapes << (i ? ", " : "") << (inputs[i].get().defined() ? to_string(inputs[i].get().shape()) : "none");
+    throw_error<ValueError>("anomaly detected: ", n->name(), " produced a non-finite value (NaN or Inf) in its ",
                             "forward output of shape ", output.shape(), "; inputs' shapes: ", shapes.str(),
-                            "; op #", node->sequence_nr(), " of this process");
+                            "; op #", n->sequence_nr(), " of this process");
   }
 }
 

@@ -70,6 +70,15 @@ Tensor pow(const Tensor& x, double p) {
     record("pow", {x}, out, [sx = SavedTensor(x, false), p](const Tensor& g, const Node& self) {
       const Tensor xv = sx.unpack(self);
       if (p == 0.0) return GradList{zeros_like(g)};
+      if (!GradMode::is_enabled()) {
+        // No graph to record (no create_graph): one fused pass, same arithmetic as below.
+        const double q = p - 1.0;
+        return GradList{binary_map(g, xv, "pow_backward", [p, q](auto gv, auto v) {
+          using T = decltype(v);
+          const T xq = q == 1.0 ? v : (q == 2.0 ? v * v : static_cast<T>(std::pow(v, q)));
+          return gv * (p == 2.0 ? v * T(2) : xq * static_cast<T>(p));
+        })};
+      }
       const Tensor dx = p == 2.0 ? mul(xv, scalar_like(xv, 2.0)) : mul(pow(xv, p - 1.0), scalar_like(xv, p));
       return GradList{mul(g, dx)};
     });

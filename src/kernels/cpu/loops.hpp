@@ -43,6 +43,10 @@ void for_each_run(const Dims& shape, const std::array<const Dims*, N>& strides, 
 template <class T, class U, class F>
 void map_unary(const Tensor& x, U* out, F f) {
   const T* px = static_cast<const T*>(x.storage()->data()) + x.offset();
+  if (x.dim() == 0) {  // 0-d: one element, no stride walk
+    out[0] = f(px[0]);
+    return;
+  }
   if (x.is_contiguous()) {
     const std::int64_t n = x.numel();
     for (std::int64_t i = 0; i < n; ++i) out[i] = f(px[i]);
@@ -61,6 +65,10 @@ template <class T, class U, class F>
 void map_binary(const Tensor& a, const Tensor& b, U* out, F f) {
   const T* pa = static_cast<const T*>(a.storage()->data()) + a.offset();
   const T* pb = static_cast<const T*>(b.storage()->data()) + b.offset();
+  if (a.dim() == 0) {  // 0-d operands (the scalar workload): one element, no stride walk
+    out[0] = f(pa[0], pb[0]);
+    return;
+  }
   const std::int64_t n = a.numel();
   const bool ca = a.is_contiguous(), cb = b.is_contiguous();
   if (ca && cb) {
