@@ -83,6 +83,31 @@ def peak_rss_kb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 
+def bench_steps(B, steps, threads):
+    """Per-step time of forward + backward + SGD update, the counterpart of BM_CnnStep/B."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.rand(B, 1, 28, 28)
+    y = torch.randint(0, 10, (B,))
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    for _ in range(10):  # warm-up
+        step()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        times.append((time.perf_counter() - t0) / steps * 1e3)
+    times.sort()
+    print(f"torch cnn step B={B} threads={torch.get_num_threads()}: median {times[2]:.2f} ms/step "
+          f"(min {times[0]:.2f}, max {times[-1]:.2f}; 5 x {steps} steps)", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("batch", nargs="?", type=int, default=None)
@@ -95,12 +120,17 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=DATA_DIR)
     ap.add_argument("--tag", default="", help="free-form label copied into JSON")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="instead of epochs: time this many SGD steps on random data of the CNN's "
+                         "shape (as chaingrad's BM_CnnStep does), 5 repetitions, print ms/step")
     a = ap.parse_args()
     B = a.batch if a.batch is not None else a.batch_opt
     lr = a.lr if a.lr is not None else (0.1 if a.opt == "sgd" else 1e-3)
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
+    if a.steps > 0:
+        return bench_steps(B, a.steps, a.threads)
 
     t0 = time.perf_counter()
     xtr, ytr = load_split(a.data_dir, "train")
