@@ -128,6 +128,8 @@ std::vector<OpCase> build() {
             {}, true, "one input channel (the first layer of a CNN)"});
   add_case({"conv2d", {{2, 3, 4, 3}, {2, 3, 1, 1}, {2}}, [](V x) { return conv2d(x[0], x[1], x[2]); }, -2, 2, {}, true,
             "1x1 kernel (the image is its own column matrix)"});
+  add_case({"conv2d", {{1, 17, 2, 3}, {2, 17, 1, 1}, {2}}, [](V x) { return conv2d(x[0], x[1], x[2]); }, -2, 2, {},
+            true, "1x1 kernel, one sample (the GEMM reads the image in place)"});
   add_case({"conv2d", {{1, 2, 7, 6}, {2, 2, 3, 2}, {2}}, [](V x) { return conv2d(x[0], x[1], x[2], 2, 1); }, -2, 2, {},
             true, "odd sizes, 3x2 kernel, stride 2, padding 1"});
   add_case({"conv2d", {{1, 1, 3, 4}, {2, 1, 3, 3}}, [](V x) { return conv2d(x[0], x[1], {}, 1, 2); }, -2, 2, {}, true,

@@ -36,6 +36,8 @@ const ConvCase kCases[] = {
     {{1, 32, 14, 14}, {16, 32, 3, 3}, 1, 1, 1, true},  // one sample: the GEMM writes NCHW directly
     {{3, 4, 9, 8}, {6, 4, 3, 3}, 2, 1, 1, false},     // stride 2: the general im2col
     {{4, 8, 7, 7}, {5, 8, 1, 1}, 1, 0, 1, true},       // 1x1 kernel
+    {{3, 24, 5, 5}, {6, 24, 1, 1}, 1, 0, 1, true},     // 1x1 kernel, 3 samples in one chunk
+    {{1, 24, 5, 5}, {6, 24, 1, 1}, 1, 0, 1, false},    // 1x1, one sample: the image is the column matrix
     {{3, 3, 10, 11}, {4, 3, 3, 3}, 1, 2, 2, true},     // dilation 2, "same" padding: flat rows shifted by 2
     {{2, 2, 6, 5}, {3, 2, 5, 3}, 1, 1, 1, true},       // uneven kernel, Wo != W
 };
