@@ -53,24 +53,27 @@ void im2col_kernel(const ConvShape& s, std::conditional_t<kAdjoint, T*, const T*
             const std::int64_t r_off = row_off + (n * s.Ho + oh) * s.Wo;
             if constexpr (kAdjoint) {
               if (ih < 0 || ih >= s.H) continue;
-              T* src = img + plane + ih * s.W + shift;
-              const T* r = cols + r_off;
+              if (lo == hi) continue;
+              T* src = img + plane + ih * s.W + lo * s.stride + shift;  // column lo*stride + shift >= 0
+              const T* r = cols + r_off + lo;
               if (s.stride == 1)
-                for (std::int64_t ow = lo; ow < hi; ++ow) src[ow] += r[ow];
+                for (std::int64_t k = 0; k < hi - lo; ++k) src[k] += r[k];
               else
-                for (std::int64_t ow = lo; ow < hi; ++ow) src[ow * s.stride] += r[ow];
+                for (std::int64_t k = 0; k < hi - lo; ++k) src[k * s.stride] += r[k];
             } else {
               T* r = cols + r_off;
               if (ih < 0 || ih >= s.H) {
                 std::fill(r, r + s.Wo, T(0));
                 continue;
               }
-              const T* src = img + plane + ih * s.W + shift;
               std::fill(r, r + lo, T(0));
-              if (s.stride == 1)
-                for (std::int64_t ow = lo; ow < hi; ++ow) r[ow] = src[ow];
-              else
-                for (std::int64_t ow = lo; ow < hi; ++ow) r[ow] = src[ow * s.stride];
+              if (lo < hi) {
+                const T* src = img + plane + ih * s.W + lo * s.stride + shift;  // column lo*stride + shift >= 0
+                if (s.stride == 1)
+                  for (std::int64_t k = 0; k < hi - lo; ++k) r[lo + k] = src[k];
+                else
+                  for (std::int64_t k = 0; k < hi - lo; ++k) r[lo + k] = src[k * s.stride];
+              }
               std::fill(r + hi, r + s.Wo, T(0));
             }
           }
@@ -108,8 +111,9 @@ void im2col_flat(const ConvShape& s, std::conditional_t<kAdjoint, T*, const T*> 
             if (dc != 0)
               for (std::int64_t oh = oh_lo; oh < oh_hi; ++oh)
                 std::fill(r + oh * W + wrap_lo, r + oh * W + wrap_hi, T(0));
-            T* dst = plane + off;
-            for (std::int64_t k = a; k < b; ++k) dst[k] += r[k];
+            T* dst = plane + a + off;  // a + off >= 0: no pointer before the plane is formed
+            const T* src = r + a;
+            for (std::int64_t k = 0; k < b - a; ++k) dst[k] += src[k];
           } else {
             std::fill(r, r + a, T(0));
             std::copy(plane + a + off, plane + b + off, r + a);
