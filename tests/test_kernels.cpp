@@ -154,6 +154,24 @@ TEST(ThreadPool, NestedCallRunsInlineAndCompletes) {
   EXPECT_EQ(inner.load(), 12);
 }
 
+// A task may run a product big enough to be split: it asks the pool's size (without waiting for
+// the pool, which its own parallel_for holds) and runs the blocks inline.
+TEST(ThreadPool, ProductInsideATaskRunsInline) {
+  ThreadCount restore;
+  kc::set_num_threads(2);
+  const std::int64_t m = 128, n = 128, k = 128;  // 4 MFLOP: above the split threshold
+  const auto a = pattern<float>(m * k, 6), b = pattern<float>(k * n, 7);
+  std::vector<std::vector<float>> c(4, std::vector<float>(static_cast<std::size_t>(m * n)));
+  kc::parallel_for(4, [&](int t) {
+    EXPECT_EQ(kc::num_threads(), 2);
+    kc::gemm<float>(false, false, m, n, k, 1.f, a.data(), k, b.data(), n, 0.f, c[static_cast<std::size_t>(t)].data(), n);
+  });
+  for (int t = 1; t < 4; ++t) EXPECT_EQ(c[static_cast<std::size_t>(t)], c[0]);
+  double want = 0;
+  for (std::int64_t p = 0; p < k; ++p) want += double(a[static_cast<std::size_t>(p)]) * b[static_cast<std::size_t>(p * n)];
+  EXPECT_NEAR(c[0][0], want, 1e-3);
+}
+
 TEST(ThreadPool, RethrowsTheTasksExceptionOnTheCaller) {
   ThreadCount restore;
   kc::set_num_threads(2);

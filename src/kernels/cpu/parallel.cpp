@@ -158,22 +158,32 @@ Pool*& pool_slot() {
   return p;
 }
 
+// The configured size, readable without the busy flag: a task running inside a parallel_for (which
+// holds the flag) may ask it, e.g. to cut a product it then runs inline. 0: not decided yet.
+std::atomic<int> g_threads{0};
+
 Pool& pool_locked() {
   Pool*& p = pool_slot();
-  if (!p) p = new Pool(default_threads());
+  if (!p) p = new Pool(num_threads());
   return *p;
 }
 
 }  // namespace
 
 int num_threads() {
-  BusyGuard guard;
-  return pool_locked().size();
+  int n = g_threads.load(std::memory_order_acquire);
+  if (n == 0) {
+    int expected = 0;
+    g_threads.compare_exchange_strong(expected, default_threads(), std::memory_order_acq_rel);
+    n = g_threads.load(std::memory_order_acquire);
+  }
+  return n;
 }
 
 void set_num_threads(int n) {
   CG_CHECK(n >= 1 && n <= 1024, ValueError, "set_num_threads: expected 1 to 1024 threads; got ", n);
   BusyGuard guard;
+  g_threads.store(n, std::memory_order_release);
   Pool*& p = pool_slot();
   if (p && p->size() == n) return;
   delete p;
