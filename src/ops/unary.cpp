@@ -169,7 +169,14 @@ Tensor relu(const Tensor& x) {
   if (detail::any_requires_grad({x}))
     record("relu", {x}, out, [so = SavedTensor(out, true)](const Tensor& g, const Node& self) {
       // The output is positive exactly where the input is, so the mask can come from either.
-      const Tensor mask = constant_factor(so.unpack(self).detach(), [](auto v) { return decltype(v)(v > 0); });
+      const Tensor y = so.unpack(self).detach();
+      // No graph to record (no create_graph): one pass, no mask tensor. It is the hot backward of
+      // every ReLU network; the composed rule below is the same function, and stays differentiable.
+      if (!GradMode::is_enabled())
+        return GradList{detail::binary_map(g, y, "relu_backward", [](auto gv, auto yv) {
+          return yv > 0 ? gv : decltype(gv)(0);
+        })};
+      const Tensor mask = constant_factor(y, [](auto v) { return decltype(v)(v > 0); });
       return GradList{mul(g, mask)};
     });
   return out;
