@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "chaingrad/error.hpp"
+#include "chaingrad/ops.hpp"
 #include "chaingrad/tensor.hpp"
 #include "kernels/cpu/gemm.hpp"
 #include "kernels/cpu/parallel.hpp"
@@ -186,6 +187,35 @@ TEST(ThreadPool, RethrowsTheTasksExceptionOnTheCaller) {
   int after = 0;
   kc::parallel_for(1, [&](int) { after = 1; });  // and the pool still works
   EXPECT_EQ(after, 1);
+}
+
+TEST(ThreadPool, ParallelRangeCoversEveryIndexOnceInCacheLineCuts) {
+  ThreadCount restore;
+  for (int threads : {1, 2, 3}) {
+    kc::set_num_threads(threads);
+    for (std::int64_t n : {std::int64_t{0}, std::int64_t{5}, kc::kParallelElements - 1, kc::kParallelElements + 7,
+                           3 * kc::kParallelElements + 1}) {
+      std::vector<std::atomic<int>> hits(static_cast<std::size_t>(n));
+      std::atomic<int> misaligned{0};
+      kc::parallel_range(n, [&](std::int64_t lo, std::int64_t hi) {
+        if (lo % 16 != 0) ++misaligned;
+        for (std::int64_t i = lo; i < hi; ++i) hits[static_cast<std::size_t>(i)]++;
+      });
+      EXPECT_EQ(misaligned.load(), 0) << "n=" << n;
+      for (std::int64_t i = 0; i < n; ++i) ASSERT_EQ(hits[static_cast<std::size_t>(i)].load(), 1) << "n=" << n << " i=" << i;
+    }
+  }
+}
+
+// A large elementwise op is split across threads; every element must come out as on one thread.
+TEST(ThreadPool, LargeElementwiseOpsMatchOneThread) {
+  ThreadCount restore;
+  const std::int64_t n = 3 * kc::kParallelElements + 5;
+  cg::Tensor a = cg::randn({n}), b = cg::randn({n});
+  kc::set_num_threads(1);
+  const auto one = cg::relu(cg::mul(a, b) + a).to_vector<float>();
+  kc::set_num_threads(3);
+  EXPECT_EQ(cg::relu(cg::mul(a, b) + a).to_vector<float>(), one);
 }
 
 TEST(ThreadPool, RejectsNonsenseThreadCounts) {

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "chaingrad/tensor.hpp"
+#include "kernels/cpu/parallel.hpp"
 
 namespace chaingrad::kernels {
 
@@ -48,8 +49,9 @@ void map_unary(const Tensor& x, U* out, F f) {
     return;
   }
   if (x.is_contiguous()) {
-    const std::int64_t n = x.numel();
-    for (std::int64_t i = 0; i < n; ++i) out[i] = f(px[i]);
+    parallel_range(x.numel(), [&](std::int64_t lo, std::int64_t hi) {
+      for (std::int64_t i = lo; i < hi; ++i) out[i] = f(px[i]);
+    });
     return;
   }
   const Dims cs = contiguous_strides(x.shape());
@@ -72,7 +74,9 @@ void map_binary(const Tensor& a, const Tensor& b, U* out, F f) {
   const std::int64_t n = a.numel();
   const bool ca = a.is_contiguous(), cb = b.is_contiguous();
   if (ca && cb) {
-    for (std::int64_t i = 0; i < n; ++i) out[i] = f(pa[i], pb[i]);
+    parallel_range(n, [&](std::int64_t lo, std::int64_t hi) {
+      for (std::int64_t i = lo; i < hi; ++i) out[i] = f(pa[i], pb[i]);
+    });
     return;
   }
   const Dims cs = contiguous_strides(a.shape());

@@ -21,4 +21,23 @@ void set_num_threads(int n);
 // Exceptions thrown by fn are rethrown on the caller (the first one; the remaining tasks still run).
 void parallel_for(int tasks, const std::function<void(int)>& fn);
 
+// Below this many elements an elementwise loop stays on one thread: waking a worker costs about as
+// much as 64k elements of a memory-bound loop.
+inline constexpr std::int64_t kParallelElements = std::int64_t{1} << 16;
+
+// body(lo, hi) over [0, n), cut into one range per thread when n >= kParallelElements. Cuts fall
+// on multiples of 16 elements, so no two threads write one cache line of a float32 output.
+template <class Body>
+void parallel_range(std::int64_t n, Body&& body) {
+  const int parts = n < kParallelElements ? 1 : num_threads();
+  if (parts <= 1) {
+    body(std::int64_t{0}, n);
+    return;
+  }
+  parallel_for(parts, [&](int p) {
+    const auto cut = [&](int q) { return q == parts ? n : (n * q / parts) / 16 * 16; };
+    if (cut(p) < cut(p + 1)) body(cut(p), cut(p + 1));
+  });
+}
+
 }  // namespace chaingrad::kernels
