@@ -242,11 +242,28 @@ void gather_chunk(const ConvShape& s, const T* g, std::int64_t cn, T* gc) {
     }
   });
 }
+// The backward passes walk the batch in chunks of `nb` samples: f(n0, chunk shape, the chunk's
+// output gradient as [O, cn*P]), gathered from NCHW into scratch when the chunk has several samples.
+template <class T, class F>
+void for_each_grad_chunk(const ConvShape& s, std::int64_t nb, const T* g, F&& f) {
+  const std::int64_t P = s.out_plane(), out_size = s.O * P;
+  T* gc = nb > 1 ? scratch<T, 1>(s.O * nb * P) : nullptr;
+  for (std::int64_t n0 = 0; n0 < s.N; n0 += nb) {
+    ConvShape cs = s;
+    cs.N = std::min(nb, s.N - n0);
+    const T* a = g + n0 * out_size;
+    if (cs.N > 1) {
+      gather_chunk(s, a, cs.N, gc);
+      a = gc;
+    }
+    f(n0, cs, a);
+  }
+}
 }  // namespace
 
 template <class T>
 void conv2d_backward_input(const ConvShape& s, const T* g, const T* w, T* dx) {
-  const std::int64_t P = s.out_plane(), K = s.ckk(), in_size = s.C * s.H * s.W, out_size = s.O * P;
+  const std::int64_t P = s.out_plane(), K = s.ckk(), in_size = s.C * s.H * s.W;
   if (s.N == 0 || in_size == 0) return;
   if (s.O == 0 || P == 0) {
     std::fill(dx, dx + s.N * in_size, T(0));
@@ -254,30 +271,22 @@ void conv2d_backward_input(const ConvShape& s, const T* g, const T* w, T* dx) {
   }
   const std::int64_t nb = chunk_samples<T>(s);
   T* cols = scratch<T, 0>(K * nb * P);
-  T* gc = nb > 1 ? scratch<T, 1>(s.O * nb * P) : nullptr;
-  for (std::int64_t n0 = 0; n0 < s.N; n0 += nb) {
-    const std::int64_t cn = std::min(nb, s.N - n0), L = cn * P;
-    ConvShape cs = s;
-    cs.N = cn;
-    const T* a = g + n0 * out_size;
-    if (cn > 1) {
-      gather_chunk(s, a, cn, gc);
-      a = gc;
-    }
+  for_each_grad_chunk(s, nb, g, [&](std::int64_t n0, const ConvShape& cs, const T* a) {
+    const std::int64_t L = cs.N * P;
     T* dxn = dx + n0 * in_size;
-    if (s.pointwise() && cn == 1) {
+    if (s.pointwise() && cs.N == 1) {
       gemm<T>(true, false, K, P, s.O, T(1), w, K, a, P, T(0), dxn, P);
-      continue;
+      return;
     }
     gemm<T>(true, false, K, L, s.O, T(1), w, K, a, L, T(0), cols, L);
-    std::fill(dxn, dxn + cn * in_size, T(0));
+    std::fill(dxn, dxn + cs.N * in_size, T(0));
     fold_add<T>(cs, cols, dxn);
-  }
+  });
 }
 
 template <class T>
 void conv2d_backward_weight(const ConvShape& s, const T* g, const T* x, T* dw) {
-  const std::int64_t P = s.out_plane(), K = s.ckk(), in_size = s.C * s.H * s.W, out_size = s.O * P;
+  const std::int64_t P = s.out_plane(), K = s.ckk(), in_size = s.C * s.H * s.W;
   if (s.O == 0 || K == 0) return;
   if (s.N == 0 || P == 0) {
     std::fill(dw, dw + s.O * K, T(0));
@@ -285,23 +294,15 @@ void conv2d_backward_weight(const ConvShape& s, const T* g, const T* x, T* dw) {
   }
   const std::int64_t nb = chunk_samples<T>(s);
   T* cols = scratch<T, 0>(K * nb * P);
-  T* gc = nb > 1 ? scratch<T, 1>(s.O * nb * P) : nullptr;
-  for (std::int64_t n0 = 0; n0 < s.N; n0 += nb) {
-    const std::int64_t cn = std::min(nb, s.N - n0), L = cn * P;
-    ConvShape cs = s;
-    cs.N = cn;
-    const T* a = g + n0 * out_size;
-    if (cn > 1) {
-      gather_chunk(s, a, cn, gc);
-      a = gc;
-    }
+  for_each_grad_chunk(s, nb, g, [&](std::int64_t n0, const ConvShape& cs, const T* a) {
+    const std::int64_t L = cs.N * P;
     const T* b = x + n0 * in_size;
-    if (!(s.pointwise() && cn == 1)) {
+    if (!(s.pointwise() && cs.N == 1)) {
       unfold<T>(cs, x + n0 * in_size, cols);
       b = cols;
     }
     gemm<T>(false, true, s.O, K, L, T(1), a, L, b, L, n0 == 0 ? T(0) : T(1), dw, K);
-  }
+  });
 }
 
 template <class T>
