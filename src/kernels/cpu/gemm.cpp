@@ -11,8 +11,8 @@
 #include "kernels/cpu/parallel.hpp"
 
 // float32 products go to oneDNN's sgemm: its JIT kernels use AVX-512 where the CPU has it, whatever
-// OPENBLAS_CORETYPE says, and on this project's MLP shapes they run 1.2-2.5x faster than OpenBLAS's
-// (BENCHMARKS.md, "Matrix products"). float64 has no oneDNN kernel and stays on OpenBLAS.
+// OPENBLAS_CORETYPE says, and on this project's MLP products they run 1.2-1.6x faster than
+// OpenBLAS's (BENCHMARKS.md, "Micro-benchmarks"). float64 has no oneDNN kernel and stays on OpenBLAS.
 // Both libraries run single-threaded; the product is cut into one block per thread of chaingrad's
 // own pool, so no library pool spins against another's.
 
