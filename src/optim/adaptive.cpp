@@ -16,6 +16,7 @@
 
 #include "chaingrad/autograd.hpp"
 #include "chaingrad/optim.hpp"
+#include "kernels/cpu/parallel.hpp"
 
 namespace chaingrad::optim {
 
@@ -69,15 +70,18 @@ struct Avx<double> {
 };
 #endif
 
-// Runs `loop.template run<Lanes>(i0, n)` with vector lanes where available, then finishes the
-// tail with scalars.
+// Runs `loop.template run<Lanes>(lo, hi)` with vector lanes where available, then finishes the
+// tail with scalars; large parameters are cut into one range per thread (the update is
+// elementwise, so the result does not depend on the cut).
 template <class T, class Loop>
 void for_lanes(std::int64_t n, const Loop& loop) {
-  std::int64_t i = 0;
+  kernels::parallel_range(n, [&](std::int64_t lo, std::int64_t hi) {
+    std::int64_t i = lo;
 #if defined(__AVX__)
-  i = loop.template run<Avx<T>>(0, n);
+    i = loop.template run<Avx<T>>(lo, hi);
 #endif
-  loop.template run<Scalar<T>>(i, n);
+    loop.template run<Scalar<T>>(i, hi);
+  });
 }
 
 // ---------------------------------------------------------------- Adam

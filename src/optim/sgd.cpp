@@ -3,6 +3,7 @@
 
 #include "chaingrad/autograd.hpp"
 #include "chaingrad/optim.hpp"
+#include "kernels/cpu/parallel.hpp"
 
 namespace chaingrad::optim {
 
@@ -69,7 +70,11 @@ void SGD::step() {
     const bool first = use_momentum && !has_slot(i, 0);
     Tensor* buf = use_momentum ? &slot(i, 0) : nullptr;
     dispatch_float(p.dtype(), "SGD", [&]<class T>() {
-      sgd_kernel<T>(p.data<T>(), g.data<T>(), buf ? buf->data<T>() : nullptr, p.numel(), options_, lr_, first);
+      T *pp = p.data<T>(), *pb = buf ? buf->data<T>() : nullptr;
+      const T* pg = g.data<T>();
+      kernels::parallel_range(p.numel(), [&](std::int64_t lo, std::int64_t hi) {
+        sgd_kernel<T>(pp + lo, pg + lo, pb ? pb + lo : nullptr, hi - lo, options_, lr_, first);
+      });
     });
     p.bump_version();
     ++steps_[i];
