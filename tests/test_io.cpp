@@ -25,6 +25,7 @@
 #include "chaingrad/error.hpp"
 #include "chaingrad/io.hpp"
 #include "chaingrad/tensor.hpp"
+#include "test_util.hpp"
 
 namespace cg = chaingrad;
 namespace cio = chaingrad::io;
@@ -70,16 +71,10 @@ void write_bytes(const std::string& path, std::string_view bytes) {
   ASSERT_TRUE(out.good()) << path;
 }
 
+// test_util.hpp's expect_error, expecting an IoError unless told otherwise.
 template <class E = cg::IoError, class F>
 void expect_error(F&& f, std::initializer_list<std::string_view> words) {
-  try {
-    f();
-    ADD_FAILURE() << "expected an exception; none was thrown";
-  } catch (const E& e) {
-    const std::string msg = e.what();
-    for (std::string_view w : words)
-      EXPECT_NE(msg.find(w), std::string::npos) << "message: " << msg << "\n   lacks: " << w;
-  }
+  chaingrad::testing::expect_error<E>(std::forward<F>(f), words);
 }
 
 std::string le64(std::uint64_t v) {
