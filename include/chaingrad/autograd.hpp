@@ -74,7 +74,8 @@ class Node : public std::enable_shared_from_this<Node> {
   // The op's name as users know it ("mul", "matmul", ...).
   virtual const char* name() const = 0;
   // Vector-Jacobian product: one gradient per input (undefined where !needs_grad(i) or zero).
-  virtual GradList apply(const Tensor& grad_output) = 0;
+  // The engine hands over its summed gradient, so a node may keep the buffer (AccumulateGrad does).
+  virtual GradList apply(Tensor&& grad_output) = 0;
   // Frees saved tensors once backward has used them (unless retain_graph).
   virtual void release_saved() {}
   virtual bool is_accumulate_grad() const { return false; }
@@ -117,7 +118,7 @@ class AccumulateGrad final : public Node {
  public:
   explicit AccumulateGrad(const std::shared_ptr<TensorImpl>& leaf);
   const char* name() const override { return "AccumulateGrad"; }
-  GradList apply(const Tensor& grad_output) override;
+  GradList apply(Tensor&& grad_output) override;
   bool is_accumulate_grad() const override { return true; }
   std::shared_ptr<TensorImpl> leaf() const { return leaf_.lock(); }
 
@@ -230,13 +231,14 @@ class FunctionNode final : public Node {
  public:
   FunctionNode(const char* name, F fn) : name_(name), fn_(std::move(fn)) {}
   const char* name() const override { return name_; }
-  GradList apply(const Tensor& grad_output) override {
+  GradList apply(Tensor&& grad_output) override {
     if (!fn_) {
       throw_error<AutogradError>(
           name_, ": trying to backward through the graph a second time (its saved values were freed); "
                  "pass retain_graph=true to the first backward if you need to backward twice");
     }
-    return (*fn_)(grad_output, static_cast<const Node&>(*this));
+    // Moved in, so a rule taking the gradient by value can pass it on without a copy.
+    return (*fn_)(std::move(grad_output), static_cast<const Node&>(*this));
   }
   void release_saved() override { fn_.reset(); }
 

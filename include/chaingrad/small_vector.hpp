@@ -6,7 +6,7 @@
 // compare to destroy (a node and a gradient list are made and destroyed for every op).
 #include <algorithm>
 #include <cstddef>
-#include <initializer_list>
+#include <type_traits>
 #include <memory>
 #include <new>
 #include <utility>
@@ -19,9 +19,13 @@ class SmallVector {
 
  public:
   SmallVector() noexcept = default;
-  SmallVector(std::initializer_list<T> init) {
-    reserve(init.size());
-    for (const T& v : init) ::new (data_ + size_++) T(v);
+  // `GradList{a, std::move(b)}`: each element is forwarded, so moved-in handles are not copied
+  // (an initializer_list could only copy them: each copy of a Tensor is an atomic increment).
+  template <class... U>
+    requires(sizeof...(U) > 0 && (std::is_constructible_v<T, U &&> && ...))
+  SmallVector(U&&... values) {  // NOLINT: implicit, as an initializer list would be
+    reserve(sizeof...(U));
+    (::new (data_ + size_++) T(std::forward<U>(values)), ...);
   }
   explicit SmallVector(std::size_t n) { resize(n); }
   SmallVector(const SmallVector& o) {

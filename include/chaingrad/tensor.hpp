@@ -59,6 +59,8 @@ class Tensor {
   TensorImpl* impl() const { return impl_.get(); }
   const std::shared_ptr<TensorImpl>& impl_ptr() const { return impl_; }
   bool same(const Tensor& other) const { return impl_ == other.impl_; }
+  // Moves the handle's reference out (no reference-count traffic); the Tensor becomes undefined.
+  std::shared_ptr<TensorImpl> take_impl() && { return std::move(impl_); }
 
   // ---- raw data ----
   template <class T>

@@ -147,7 +147,7 @@ class Engine {
       if (r.defined()) grad = r;
     }
     if (opt.observer) opt.observer->on_node(node, grad);
-    GradList grads = node.apply(grad);
+    GradList grads = node.apply(std::move(grad));
     if (!opt.retain_graph) {
       node.release_saved();
       node.released_ = true;

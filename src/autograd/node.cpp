@@ -44,14 +44,23 @@ std::uint64_t next_sequence() {
 Node::Node() : sequence_nr_(next_sequence()) {}
 
 Node::~Node() {
+  // An edge this node does not own alone is just released: no recursion can follow from it.
   if (pending_deletes) {
-    for (auto& e : next_edges_)
-      if (e) pending_deletes->push_back(std::move(e));
+    for (auto& e : next_edges_) {
+      if (!e) continue;
+      if (e.use_count() > 1)
+        e.reset();
+      else
+        pending_deletes->push_back(std::move(e));
+    }
     return;
   }
-  bool any_edge = false;
-  for (const auto& e : next_edges_) any_edge = any_edge || e != nullptr;
-  if (!any_edge) return;
+  bool last_owner = false;
+  for (auto& e : next_edges_) {
+    if (e && e.use_count() > 1) e.reset();
+    last_owner = last_owner || e != nullptr;
+  }
+  if (!last_owner) return;
   // The work list is reused (one per thread) so freeing a graph allocates nothing once warm.
   DeleteStack& reusable = delete_stack;
   std::vector<std::shared_ptr<Node>> local;
@@ -102,27 +111,27 @@ AccumulateGrad::AccumulateGrad(const std::shared_ptr<TensorImpl>& leaf) : leaf_(
   output_meta_ = {leaf->shape, leaf->dtype};
 }
 
-GradList AccumulateGrad::apply(const Tensor& grad_output) {
+GradList AccumulateGrad::apply(Tensor&& grad_output) {
   std::shared_ptr<TensorImpl> leaf = leaf_.lock();
   if (!leaf) return {};
-  Tensor grad = grad_output;
+  Tensor grad = std::move(grad_output);
   for (auto& hook : leaf->hooks) {
     Tensor r = hook(grad);
     if (r.defined()) grad = r;
   }
   if (!leaf->grad_impl) {
     if (GradMode::is_enabled()) {
-      leaf->grad_impl = grad.impl_ptr();  // create_graph: .grad keeps its own graph
-    } else if (grad.storage().use_count() == 1 && grad.is_contiguous() && grad.impl_ptr().use_count() <= 2) {
+      leaf->grad_impl = std::move(grad).take_impl();  // create_graph: .grad keeps its own graph
+    } else if (grad.storage().use_count() == 1 && grad.is_contiguous() && grad.impl_ptr().use_count() == 1) {
       // Nobody else sees this buffer: take it (the handle itself when it is outside any graph).
       const bool plain = !grad.requires_grad() && !grad.grad_fn() && grad.offset() == 0 &&
                          grad.impl()->hooks.empty() && grad.name().empty();
-      leaf->grad_impl = plain ? grad.impl_ptr() : grad.detach().impl_ptr();
+      leaf->grad_impl = plain ? std::move(grad).take_impl() : grad.detach().take_impl();
     } else {
-      leaf->grad_impl = grad.clone().impl_ptr();  // grad mode is off: clone records nothing
+      leaf->grad_impl = grad.clone().take_impl();  // grad mode is off: clone records nothing
     }
   } else if (GradMode::is_enabled()) {
-    leaf->grad_impl = add(Tensor(leaf->grad_impl), grad).impl_ptr();
+    leaf->grad_impl = add(Tensor(leaf->grad_impl), grad).take_impl();
   } else {
     Tensor(leaf->grad_impl).add_(grad);
   }

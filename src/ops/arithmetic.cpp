@@ -14,7 +14,7 @@ using detail::scalar_like;
 Tensor add(const Tensor& a, const Tensor& b) {
   Tensor out = binary_map(a, b, "add", [](auto x, auto y) { return x + y; });
   if (detail::any_requires_grad({a, b}))
-    record("add", {a, b}, out, [](const Tensor& g, const Node&) { return GradList{g, g}; });
+    record("add", {a, b}, out, [](Tensor g, const Node&) { return GradList{g, std::move(g)}; });
   return out;
 }
 
@@ -22,8 +22,9 @@ Tensor add(const Tensor& a, const Tensor& b) {
 Tensor sub(const Tensor& a, const Tensor& b) {
   Tensor out = binary_map(a, b, "sub", [](auto x, auto y) { return x - y; });
   if (detail::any_requires_grad({a, b}))
-    record("sub", {a, b}, out, [](const Tensor& g, const Node& self) {
-      return GradList{g, self.needs_grad(1) ? neg(g) : Tensor()};
+    record("sub", {a, b}, out, [](Tensor g, const Node& self) {
+      Tensor gb = self.needs_grad(1) ? neg(g) : Tensor();
+      return GradList{std::move(g), std::move(gb)};
     });
   return out;
 }
