@@ -2,6 +2,7 @@
 // pool) against a plain triple loop, and the thread pool itself.
 #include <gtest/gtest.h>
 
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <stdexcept>
@@ -145,6 +146,23 @@ TEST(ThreadPool, RunsEveryTaskOnceForAnyThreadCount) {
       for (int i = 0; i < tasks; ++i) EXPECT_EQ(hits[static_cast<std::size_t>(i)].load(), 1) << "task " << i;
     }
   }
+}
+
+// More threads than cores: when a job starts, some workers are not running, and the caller may run
+// every task itself and return before they wake. A late worker must then skip the job it missed
+// (its tasks and their captures are gone) and join the next one. Each job's counters live on the
+// caller's stack, so a worker running a stale job would write into a dead frame (ASan reports it).
+TEST(ThreadPool, ManyShortJobsWithMoreThreadsThanCores) {
+  ThreadCount restore;
+  kc::set_num_threads(6);
+  int wrong = 0;
+  for (int job = 0; job < 20000; ++job) {
+    const int tasks = 1 + job % 7;
+    std::array<std::atomic<int>, 8> hits{};
+    kc::parallel_for(tasks, [&hits, job](int i) { hits[static_cast<std::size_t>(i)] += 1 + job % 3; });
+    for (int i = 0; i < 8; ++i) wrong += hits[static_cast<std::size_t>(i)].load() != (i < tasks ? 1 + job % 3 : 0);
+  }
+  EXPECT_EQ(wrong, 0);
 }
 
 TEST(ThreadPool, NestedCallRunsInlineAndCompletes) {

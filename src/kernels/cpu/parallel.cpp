@@ -41,6 +41,10 @@ int default_threads() {
   return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
 }
 
+// A job is open from its publication until the caller has run out of tasks. A worker takes part
+// only if it checks in while the job is open, and the caller then waits for the workers that checked
+// in, not for every worker: a worker the OS has not scheduled yet (another process on its core)
+// costs the caller nothing, where waiting for it would cost a time slice per job.
 class Pool {
  public:
   explicit Pool(int threads) {
@@ -63,48 +67,70 @@ class Pool {
     tasks_ = tasks;
     error_ = nullptr;
     next_.store(0, std::memory_order_relaxed);
-    unfinished_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
     publish();
     run_tasks();
-    for (int spin = 0; unfinished_.load(std::memory_order_acquire) != 0; ++spin) {
-      if (spin < kSpinPauses) {
-        cpu_pause();
-      } else {
-        std::unique_lock lock(sleep_mu_);
-        done_cv_.wait(lock, [&] { return unfinished_.load(std::memory_order_acquire) == 0; });
+    // Close the job; from here on only the workers already checked in remain to wait for.
+    const std::uint64_t before = control_.fetch_or(kClosed, std::memory_order_acq_rel);
+    if (checked_in(before) != 0) {
+      for (int spin = 0; checked_in(control_.load(std::memory_order_acquire)) != 0; ++spin) {
+        if (spin < kSpinPauses) {
+          cpu_pause();
+        } else {
+          std::unique_lock lock(sleep_mu_);
+          done_cv_.wait(lock, [&] { return checked_in(control_.load(std::memory_order_acquire)) == 0; });
+        }
       }
     }
     if (error_) std::rethrow_exception(error_);
   }
 
  private:
+  // control_ = generation << 32 | closed bit | number of workers checked in to the open job.
+  static constexpr std::uint64_t kClosed = std::uint64_t{1} << 31;
+  static constexpr std::uint64_t kCountMask = kClosed - 1;
+  static std::uint32_t generation(std::uint64_t c) { return static_cast<std::uint32_t>(c >> 32); }
+  static std::uint64_t checked_in(std::uint64_t c) { return c & kCountMask; }
+
   void worker_loop() {
     std::uint32_t seen = 0;  // the generation at construction; a job may be published before this line runs
     for (;;) {
-      std::uint32_t g;
-      for (int spin = 0; (g = generation_.load(std::memory_order_acquire)) == seen; ++spin) {
+      std::uint64_t c;
+      for (int spin = 0; generation(c = control_.load(std::memory_order_acquire)) == seen; ++spin) {
         if (spin < kSpinPauses) {
           cpu_pause();
         } else {
           std::unique_lock lock(sleep_mu_);
-          wake_cv_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+          wake_cv_.wait(lock, [&] { return generation(control_.load(std::memory_order_acquire)) != seen; });
         }
       }
-      seen = g;
+      seen = generation(c);
       if (stop_) return;
+      if (!check_in(c, seen)) continue;  // the caller finished this job without us
       run_tasks();
-      if (unfinished_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      const std::uint64_t after = control_.fetch_sub(1, std::memory_order_acq_rel) - 1;
+      if (checked_in(after) == 0 && (after & kClosed)) {
         std::lock_guard lock(sleep_mu_);  // so the notify cannot fall between the caller's check and its wait
         done_cv_.notify_one();
       }
     }
   }
 
-  // Sleepers re-check the generation under sleep_mu_, so bumping it under the lock loses no wake-up.
+  // Joins job `gen` if it is still open. Only then may the worker read the job's fields: the caller
+  // does not touch them again until every checked-in worker has left.
+  bool check_in(std::uint64_t c, std::uint32_t gen) {
+    while (generation(c) == gen && !(c & kClosed)) {
+      if (control_.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel, std::memory_order_acquire)) return true;
+    }
+    return false;
+  }
+
+  // Sleepers re-check the generation under sleep_mu_, so bumping it under the lock loses no
+  // wake-up. The new job starts open, with nobody checked in.
   void publish() {
     {
       std::lock_guard lock(sleep_mu_);
-      generation_.fetch_add(1, std::memory_order_release);
+      const std::uint32_t g = generation(control_.load(std::memory_order_relaxed)) + 1;
+      control_.store(static_cast<std::uint64_t>(g) << 32, std::memory_order_release);
     }
     wake_cv_.notify_all();
   }
@@ -121,9 +147,8 @@ class Pool {
   }
 
   std::vector<std::thread> workers_;
-  std::atomic<std::uint32_t> generation_{0};
+  std::atomic<std::uint64_t> control_{0};
   std::atomic<int> next_{0};
-  std::atomic<int> unfinished_{0};
   const std::function<void(int)>* fn_ = nullptr;
   int tasks_ = 0;
   bool stop_ = false;
