@@ -62,9 +62,24 @@ struct TensorRef {
   const Tensor* tensor;
 };
 void record_node(std::shared_ptr<Node> node, std::span<const TensorRef> inputs, Tensor& output);
+
+// The engine marks the node whose backward is running, as the reference that owns it, so that a
+// saved output can be re-attached to its own node under create_graph. Nodes carry no reference to
+// themselves (enable_shared_from_this would cost every node's release two more atomic operations).
+class RunningNode {
+ public:
+  explicit RunningNode(const std::shared_ptr<Node>& node);
+  ~RunningNode();
+  RunningNode(const RunningNode&) = delete;
+  RunningNode& operator=(const RunningNode&) = delete;
+  static const std::shared_ptr<Node>* current();
+
+ private:
+  const std::shared_ptr<Node>* previous_;
+};
 }  // namespace detail
 
-class Node : public std::enable_shared_from_this<Node> {
+class Node {
  public:
   Node();
   virtual ~Node();

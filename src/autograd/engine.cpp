@@ -21,7 +21,10 @@ class Engine {
   // Work lists reused across calls so a backward allocates nothing once warm; one set per
   // nesting level, since a hook may itself call backward.
   struct Scratch {
-    std::vector<Node*> nodes, stack, seeded, heap;
+    std::vector<Node*> nodes, stack, seeded;
+    // Ready nodes, as the edge (or root) that owns each: a node's backward may need a strong
+    // reference to itself (a saved output re-attached under create_graph), and nodes keep none.
+    std::vector<const std::shared_ptr<Node>*> heap;
   };
   static Scratch& acquire_scratch(int depth) {
     static thread_local std::vector<std::unique_ptr<Scratch>> pool;
@@ -87,9 +90,10 @@ class Engine {
     }
 
     // 3. Seed the roots' buffers; among nodes of equal readiness the most recent op runs first.
-    auto by_sequence = [](const Node* a, const Node* b) { return a->sequence_nr_ < b->sequence_nr_; };
-    std::vector<Node*>& ready = scratch.heap;  // a max-heap on sequence_nr
-    auto push_ready = [&](Node* n) {
+    using Owner = const std::shared_ptr<Node>*;
+    auto by_sequence = [](Owner a, Owner b) { return (*a)->sequence_nr_ < (*b)->sequence_nr_; };
+    std::vector<Owner>& ready = scratch.heap;  // a max-heap on sequence_nr
+    auto push_ready = [&](Owner n) {
       ready.push_back(n);
       std::push_heap(ready.begin(), ready.end(), by_sequence);
     };
@@ -97,7 +101,7 @@ class Engine {
     std::vector<Node*>& seeded = scratch.seeded;
     for (const auto& r : roots) {
       if (r->dependencies_ == 0 && std::find(seeded.begin(), seeded.end(), r.get()) == seeded.end()) {
-        push_ready(r.get());
+        push_ready(&r);
         seeded.push_back(r.get());
       }
     }
@@ -106,8 +110,9 @@ class Engine {
     const bool anomaly = AnomalyMode::is_enabled();
     while (!ready.empty()) {
       std::pop_heap(ready.begin(), ready.end(), by_sequence);
-      Node* node = ready.back();
+      const std::shared_ptr<Node>& owner = *ready.back();
       ready.pop_back();
+      Node* node = owner.get();
       Tensor grad = std::move(node->input_buffer_);  // (leaves the buffer empty)
 
       if (capture) {
@@ -120,7 +125,7 @@ class Engine {
 
       const bool run_node = grad.defined() && node->needed_ && !(capture && node->is_accumulate_grad());
       // Initialized in place from apply()'s result (no default construction and move).
-      GradList grads = run_node ? run_one(*node, grad, opt) : GradList();
+      GradList grads = run_node ? run_one(owner, grad, opt) : GradList();
 
       for (std::size_t i = 0; i < node->next_edges_.size(); ++i) {
         Node* next = node->next_edges_[i].get();
@@ -134,19 +139,21 @@ class Engine {
           }
           accumulate(*next, std::move(g), opt);
         }
-        if (--next->dependencies_ == 0) push_ready(next);
+        if (--next->dependencies_ == 0) push_ready(&node->next_edges_[i]);
       }
     }
   }
 
  private:
   // Runs the node's hooks and backward on its summed upstream gradient; frees its saved values.
-  static GradList run_one(Node& node, Tensor& grad, const autograd::BackwardOptions& opt) {
+  static GradList run_one(const std::shared_ptr<Node>& owner, Tensor& grad, const autograd::BackwardOptions& opt) {
+    Node& node = *owner;
     for (auto& hook : node.pre_hooks_) {
       Tensor r = hook(grad);
       if (r.defined()) grad = r;
     }
     if (opt.observer) opt.observer->on_node(node, grad);
+    detail::RunningNode running(owner);
     GradList grads = node.apply(std::move(grad));
     if (!opt.retain_graph) {
       node.release_saved();

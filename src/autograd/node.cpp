@@ -76,6 +76,14 @@ Node::~Node() {
   pending_deletes = nullptr;
 }
 
+// ---------------------------------------------------------------- RunningNode
+namespace {
+thread_local const std::shared_ptr<Node>* running_node = nullptr;
+}
+detail::RunningNode::RunningNode(const std::shared_ptr<Node>& node) : previous_(running_node) { running_node = &node; }
+detail::RunningNode::~RunningNode() { running_node = previous_; }
+const std::shared_ptr<Node>* detail::RunningNode::current() { return running_node; }
+
 // ---------------------------------------------------------------- SavedTensor
 SavedTensor::SavedTensor(const Tensor& t, bool is_output) : is_output_(is_output) {
   if (!t.defined()) return;
@@ -97,7 +105,15 @@ Tensor SavedTensor::unpack(const Node& owner) const {
            "); clone it before modifying it, or modify it before using it");
   if (!reattach_ || !GradMode::is_enabled()) return data_;
   // create_graph: give the value back its place in the graph so gradients can flow through it.
-  std::shared_ptr<Node> fn = is_output_ ? const_cast<Node&>(owner).shared_from_this() : grad_fn_.lock();
+  std::shared_ptr<Node> fn;
+  if (is_output_) {
+    const std::shared_ptr<Node>* running = detail::RunningNode::current();
+    CG_CHECK(running && running->get() == &owner, InternalError, owner.name(),
+             ": a saved output was unpacked outside its node's backward");
+    fn = *running;
+  } else {
+    fn = grad_fn_.lock();
+  }
   if (!fn) return data_;
   Tensor t = data_.detach();
   t.impl()->grad_fn = std::move(fn);
