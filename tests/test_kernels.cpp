@@ -5,6 +5,7 @@
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -14,6 +15,7 @@
 #include "chaingrad/tensor.hpp"
 #include "kernels/cpu/gemm.hpp"
 #include "kernels/cpu/parallel.hpp"
+#include "kernels/cpu/vector_math.hpp"
 
 namespace cg = chaingrad;
 namespace kc = chaingrad::kernels;
@@ -239,4 +241,114 @@ TEST(ThreadPool, LargeElementwiseOpsMatchOneThread) {
 TEST(ThreadPool, RejectsNonsenseThreadCounts) {
   EXPECT_THROW(kc::set_num_threads(0), cg::ValueError);
   EXPECT_THROW(cg::set_num_threads(-3), cg::ValueError);
+}
+
+// The warm-up (oneDNN's kernel generation, ahead of the first product) may run on any thread, at
+// the same time as products on others, and leaves them right.
+TEST(Gemm, WarmUpFromAnotherThreadWhileProductsRun) {
+  std::thread warm([] { kc::warm_up_gemm(); });
+  for (const auto& g : gemm_cases()) check_gemm<float>(g, 1e-5);
+  warm.join();
+  kc::warm_up_gemm();  // a second call does nothing
+  for (const auto& g : gemm_cases()) check_gemm<float>(g, 1e-5);
+}
+
+// ---------------------------------------------------------------- vector math (libmvec)
+namespace {
+// Values across the whole float range, the overflow edges and the special values.
+std::vector<float> transcendental_inputs() {
+  std::vector<float> v = {0.0f, -0.0f, 1e-30f, -1e-30f, 1e-7f, 0.5f, -0.5f, 1.0f, -1.0f, 10.0f, -10.0f,
+                          88.0f, 88.8f, -87.0f, -103.0f, -104.0f, 200.0f, -200.0f,
+                          std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity()};
+  for (int i = -4000; i <= 4000; ++i) v.push_back(static_cast<float>(i) * 0.0237f);
+  return v;
+}
+// |got - want| within 4 ulp of want (or of the smallest normal float, near 0).
+::testing::AssertionResult close_ulps(float got, double want, float x) {
+  const double tol = 4 * std::max<double>(std::abs(want), std::numeric_limits<float>::min()) *
+                     std::numeric_limits<float>::epsilon();
+  if (std::isinf(want) && got == static_cast<float>(want)) return ::testing::AssertionSuccess();
+  if (std::abs(static_cast<double>(got) - want) <= tol) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << "x=" << x << " got " << got << " want " << want;
+}
+}  // namespace
+
+TEST(VectorMath, MatchesDoublePrecisionWithinFourUlps) {
+  const std::vector<float> x = transcendental_inputs();
+  const auto n = static_cast<std::int64_t>(x.size());
+  std::vector<float> e(x.size()), t(x.size()), s(x.size());
+  kc::vexp(x.data(), e.data(), n);
+  kc::vtanh(x.data(), t.data(), n);
+  kc::vsigmoid(x.data(), s.data(), n);
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const double xd = x[i];
+    const double want_exp = std::exp(xd);
+    // expf overflows to inf above ~88.72 and underflows through the subnormals below ~-87.3.
+    if (want_exp > std::numeric_limits<float>::max()) {
+      EXPECT_EQ(e[i], std::numeric_limits<float>::infinity()) << "x=" << x[i];
+    } else {
+      EXPECT_TRUE(close_ulps(e[i], want_exp, x[i]));
+    }
+    EXPECT_TRUE(close_ulps(t[i], std::tanh(xd), x[i]));
+    EXPECT_TRUE(close_ulps(s[i], 1.0 / (1.0 + std::exp(-xd)), x[i]));
+  }
+  for (int lanes : {16, 8, 1}) {  // every width this CPU has, tails included
+    const kc::ArrayFn vexp = kc::vexp_with_lanes(lanes), vtanh = kc::vtanh_with_lanes(lanes);
+    if (!vexp) continue;
+    for (std::int64_t len : {n, std::int64_t{13}, std::int64_t{5}}) {
+      std::vector<float> e2(static_cast<std::size_t>(len)), t2(static_cast<std::size_t>(len));
+      vexp(x.data() + (n - len), e2.data(), len);
+      vtanh(x.data() + (n - len), t2.data(), len);
+      for (std::int64_t i = 0; i < len; ++i) {
+        const float xi = x[static_cast<std::size_t>(n - len + i)];
+        const double want_exp = std::exp(static_cast<double>(xi));
+        if (want_exp <= std::numeric_limits<float>::max()) {
+          EXPECT_TRUE(close_ulps(e2[static_cast<std::size_t>(i)], want_exp, xi)) << lanes << " lanes";
+        }
+        EXPECT_TRUE(close_ulps(t2[static_cast<std::size_t>(i)], std::tanh(static_cast<double>(xi)), xi)) << lanes << " lanes";
+      }
+    }
+  }
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  float out = 0;
+  kc::vsigmoid(&nan, &out, 1);
+  EXPECT_TRUE(std::isnan(out));
+  kc::vexp(&nan, &out, 1);
+  EXPECT_TRUE(std::isnan(out));
+}
+
+// Every length (the vector tails), cut anywhere, in place or not: the same bits as one call.
+TEST(VectorMath, ResultsDoNotDependOnLengthCutsOrAliasing) {
+  std::vector<float> x(300);
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = std::sin(static_cast<float>(i)) * 12.0f;
+  for (auto fn : {kc::vexp, kc::vtanh, kc::vsigmoid}) {
+    std::vector<float> whole(x.size());
+    fn(x.data(), whole.data(), static_cast<std::int64_t>(x.size()));
+    for (std::int64_t len = 0; len <= 40; ++len) {
+      std::vector<float> part(static_cast<std::size_t>(len));
+      fn(x.data() + 7, part.data(), len);
+      for (std::int64_t i = 0; i < len; ++i) ASSERT_EQ(part[static_cast<std::size_t>(i)], whole[static_cast<std::size_t>(7 + i)]);
+    }
+    std::vector<float> inplace = x;
+    fn(inplace.data(), inplace.data(), 123);
+    fn(inplace.data() + 123, inplace.data() + 123, static_cast<std::int64_t>(x.size()) - 123);
+    EXPECT_EQ(inplace, whole);
+  }
+}
+
+// The ops use the kernels for float32 of any layout and size, so a strided or small input gives
+// the same bits as a contiguous or large one.
+TEST(VectorMath, Float32OpsAgreeAcrossLayoutsSizesAndThreads) {
+  ThreadCount restore;
+  const cg::Tensor x = cg::randn({300, 257}) * 6.0;
+  for (auto op : {+[](const cg::Tensor& t) { return cg::sigmoid(t); }, +[](const cg::Tensor& t) { return cg::tanh(t); },
+                  +[](const cg::Tensor& t) { return cg::exp(t); }}) {
+    kc::set_num_threads(1);
+    const auto want = op(x).to_vector<float>();
+    kc::set_num_threads(3);
+    EXPECT_EQ(op(x).to_vector<float>(), want);
+    EXPECT_EQ(op(x.t().contiguous()).t().contiguous().to_vector<float>(), want);
+    EXPECT_EQ(op(x.t()).t().contiguous().to_vector<float>(), want);
+    EXPECT_EQ(op(x.select(0, 5).select(0, 9)).item(), static_cast<double>(want[5 * 257 + 9]));
+  }
 }

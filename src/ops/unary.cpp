@@ -2,6 +2,7 @@
 // written with ops so they can be differentiated again (create_graph).
 #include <cmath>
 
+#include "kernels/cpu/vector_math.hpp"
 #include "ops/common.hpp"
 
 namespace chaingrad {
@@ -17,6 +18,18 @@ template <class F>
 Tensor constant_factor(const Tensor& x, F f) {
   return unary_map(x, "factor", f);
 }
+// float32 goes through the vector math kernels (any layout: a strided input is packed first, so
+// the result never depends on the layout); float64 keeps libm's correctly rounded-or-nearly path.
+template <class F>
+Tensor vector_unary(const Tensor& x, const char* op, void (*vec)(const float*, float*, std::int64_t), F scalar) {
+  if (!x.defined() || x.dtype() != DType::Float32) return unary_map(x, op, scalar);
+  const Tensor c = x.is_contiguous() ? x : x.detach().contiguous();
+  Tensor out = empty(c.shape(), DType::Float32);
+  const float* px = c.data<float>();
+  float* po = out.data<float>();
+  kernels::parallel_range(c.numel(), [&](std::int64_t lo, std::int64_t hi) { vec(px + lo, po + lo, hi - lo); });
+  return out;
+}
 template <class T>
 T stable_sigmoid(T v) {
   if (v >= T(0)) return T(1) / (T(1) + std::exp(-v));
@@ -27,7 +40,7 @@ T stable_sigmoid(T v) {
 
 // d/dx e^x = e^x
 Tensor exp(const Tensor& x) {
-  Tensor out = unary_map(x, "exp", [](auto v) { return std::exp(v); });
+  Tensor out = vector_unary(x, "exp", kernels::vexp, [](auto v) { return std::exp(v); });
   if (detail::any_requires_grad({x}))
     record("exp", {x}, out, [so = SavedTensor(out, true)](const Tensor& g, const Node& self) {
       return GradList{mul(g, so.unpack(self))};
@@ -108,7 +121,7 @@ Tensor cos(const Tensor& x) {
 
 // d/dx tanh x = 1 - tanh(x)^2
 Tensor tanh(const Tensor& x) {
-  Tensor out = unary_map(x, "tanh", [](auto v) { return std::tanh(v); });
+  Tensor out = vector_unary(x, "tanh", kernels::vtanh, [](auto v) { return std::tanh(v); });
   if (detail::any_requires_grad({x}))
     record("tanh", {x}, out, [so = SavedTensor(out, true)](const Tensor& g, const Node& self) {
       return GradList{tanh_backward(g, so.unpack(self))};
@@ -129,7 +142,7 @@ Tensor erf(const Tensor& x) {
 
 // sigma(x) = 1/(1+e^-x), evaluated without overflow on either side; d/dx sigma = sigma (1 - sigma)
 Tensor sigmoid(const Tensor& x) {
-  Tensor out = unary_map(x, "sigmoid", [](auto v) { return stable_sigmoid(v); });
+  Tensor out = vector_unary(x, "sigmoid", kernels::vsigmoid, [](auto v) { return stable_sigmoid(v); });
   if (detail::any_requires_grad({x}))
     record("sigmoid", {x}, out, [so = SavedTensor(out, true)](const Tensor& g, const Node& self) {
       return GradList{sigmoid_backward(g, so.unpack(self))};
