@@ -4,7 +4,6 @@
 // threads as the products use (CHAINGRAD_NUM_THREADS / --threads; all cores by default).
 #include <benchmark/benchmark.h>
 #include <cblas.h>
-#include <immintrin.h>
 
 #include <algorithm>
 #include <atomic>
@@ -12,6 +11,7 @@
 #include <vector>
 
 #include "chaingrad/chaingrad.hpp"
+#include "peaks.hpp"
 #include "kernels/cpu/gemm.hpp"
 #include "kernels/cpu/parallel.hpp"
 
@@ -21,58 +21,6 @@ namespace kc = chaingrad::kernels;
 extern "C" void openblas_set_num_threads(int);
 
 namespace {
-
-// 24 independent FMA chains: enough to cover the FMA latency on both ports.
-__attribute__((target("avx512f"))) float fma_loop_avx512(long iters) {
-  __m512 acc[24];
-  for (int i = 0; i < 24; ++i) acc[i] = _mm512_set1_ps(1.0f + static_cast<float>(i) * 1e-3f);
-  const __m512 a = _mm512_set1_ps(0.999999f), b = _mm512_set1_ps(1e-7f);
-  for (long it = 0; it < iters; ++it) {
-#pragma GCC unroll 24  // keeps the accumulators in registers
-    for (int i = 0; i < 24; ++i) acc[i] = _mm512_fmadd_ps(acc[i], a, b);
-  }
-  __m512 s = acc[0];
-  for (int i = 1; i < 24; ++i) s = _mm512_add_ps(s, acc[i]);
-  float out[16];
-  _mm512_storeu_ps(out, s);
-  return out[0] + out[15];
-}
-
-__attribute__((target("avx2,fma"))) float fma_loop_avx2(long iters) {
-  __m256 acc[12];
-  for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_ps(1.0f + static_cast<float>(i) * 1e-3f);
-  const __m256 a = _mm256_set1_ps(0.999999f), b = _mm256_set1_ps(1e-7f);
-  for (long it = 0; it < iters; ++it) {
-#pragma GCC unroll 12
-    for (int i = 0; i < 12; ++i) acc[i] = _mm256_fmadd_ps(acc[i], a, b);
-  }
-  float out[8];
-  __m256 s = acc[0];
-  for (int i = 1; i < 12; ++i) s = _mm256_add_ps(s, acc[i]);
-  _mm256_storeu_ps(out, s);
-  return out[0] + out[7];
-}
-
-// fp32 FLOP/s of FMA chains on every thread of the pool at once: best of 5 runs of ~50 ms.
-double fma_peak_gflops() {
-  static const double peak = [] {
-    const bool avx512 = __builtin_cpu_supports("avx512f");
-    const long iters = 2'000'000;
-    const double flops_per_thread = static_cast<double>(iters) * (avx512 ? 24 * 16 * 2 : 12 * 8 * 2);
-    const int threads = kc::num_threads();
-    std::atomic<float> sink{0};
-    double best = 0;
-    for (int r = 0; r < 5; ++r) {
-      const auto t0 = std::chrono::steady_clock::now();
-      kc::parallel_for(threads, [&](int) { sink = sink + (avx512 ? fma_loop_avx512(iters) : fma_loop_avx2(iters)); });
-      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      best = std::max(best, flops_per_thread * threads / s / 1e9);
-    }
-    benchmark::DoNotOptimize(sink.load());
-    return best;
-  }();
-  return peak;
-}
 
 struct Product {
   bool ta, tb;
@@ -108,7 +56,7 @@ struct Operands {
 // Times the loop itself (wall clock, as the counters need the rate of all threads together).
 template <class F>
 void run_and_report(benchmark::State& state, double flops, F&& step) {
-  const double peak = fma_peak_gflops();  // measured before the clock starts
+  const double peak = bench::fma_peak_gflops();  // measured before the clock starts
   const auto t0 = std::chrono::steady_clock::now();
   for (auto _ : state) step();
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -118,8 +66,8 @@ void run_and_report(benchmark::State& state, double flops, F&& step) {
 }
 
 void BM_FmaPeak(benchmark::State& state) {
-  for (auto _ : state) benchmark::DoNotOptimize(fma_peak_gflops());
-  state.counters["GFLOP/s"] = fma_peak_gflops();
+  for (auto _ : state) benchmark::DoNotOptimize(bench::fma_peak_gflops());
+  state.counters["GFLOP/s"] = bench::fma_peak_gflops();
   state.counters["threads"] = kc::num_threads();
 }
 BENCHMARK(BM_FmaPeak)->Iterations(1);
