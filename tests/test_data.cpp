@@ -630,3 +630,38 @@ TEST(DataLoader, EmptyDataset) {
 }
 
 }  // namespace
+
+// A batch large enough to be gathered on several threads holds the same rows, in the same order,
+// as one gathered on one thread.
+TEST(DataLoader, LargeBatchesAreTheSameForAnyThreadCount) {
+  const std::int64_t n = 1000, features = 784;
+  cd::Dataset ds;
+  ds.inputs = cg::empty({n, features});
+  ds.labels = cg::empty({n}, cg::DType::Int64);
+  float* x = ds.inputs.data<float>();
+  std::int64_t* y = ds.labels.data<std::int64_t>();
+  for (std::int64_t i = 0; i < n * features; ++i) x[i] = static_cast<float>(i % 9973);
+  for (std::int64_t i = 0; i < n; ++i) y[i] = i;
+  ds.num_classes = n;
+  cd::DataLoader loader(ds, {.batch_size = 300, .shuffle = true, .seed = 3});
+  const int saved = cg::get_num_threads();
+  std::vector<std::vector<float>> inputs;
+  std::vector<std::vector<std::int64_t>> labels;
+  for (int threads : {1, 2, 3}) {
+    cg::set_num_threads(threads);
+    const cd::Batch b = loader.batch(1);
+    ASSERT_EQ(b.inputs.shape(), (cg::Dims{300, features}));
+    inputs.emplace_back(b.inputs.data<float>(), b.inputs.data<float>() + b.inputs.numel());
+    labels.emplace_back(b.labels.data<std::int64_t>(), b.labels.data<std::int64_t>() + b.labels.numel());
+  }
+  cg::set_num_threads(saved);
+  for (std::size_t t = 1; t < inputs.size(); ++t) {
+    EXPECT_EQ(inputs[t], inputs[0]);
+    EXPECT_EQ(labels[t], labels[0]);
+  }
+  // Each row is the dataset row its label names.
+  for (std::int64_t r = 0; r < 300; ++r) {
+    const std::int64_t src = labels[0][static_cast<std::size_t>(r)];
+    EXPECT_EQ(inputs[0][static_cast<std::size_t>(r * features + 5)], x[src * features + 5]);
+  }
+}

@@ -10,6 +10,7 @@
 
 #include "chaingrad/data.hpp"
 #include "chaingrad/error.hpp"
+#include "kernels/cpu/parallel.hpp"
 
 namespace chaingrad::data {
 namespace {
@@ -30,6 +31,9 @@ std::uint64_t bounded(Generator& g, std::uint64_t n) {
     if (x >= threshold) return x % n;
   }
 }
+
+// Batches of at least this many input bytes are gathered on every thread of the pool.
+constexpr std::size_t kParallelGatherBytes = std::size_t{1} << 18;
 
 std::size_t row_bytes(const Tensor& t) {
   const std::int64_t n = t.size(0);
@@ -137,11 +141,23 @@ Batch DataLoader::batch(std::int64_t i) const {
   const auto* lab_src = static_cast<const char*>(labels_.raw_data());
   auto* in_dst = static_cast<char*>(out.inputs.raw_data());
   auto* lab_dst = static_cast<char*>(out.labels.raw_data());
-  for (std::int64_t r = 0; r < b; ++r) {
-    const auto src_row = static_cast<std::size_t>(order_[static_cast<std::size_t>(begin + r)]);
-    const auto dst_row = static_cast<std::size_t>(r);
-    std::memcpy(in_dst + dst_row * in_row, in_src + src_row * in_row, in_row);
-    std::memcpy(lab_dst + dst_row * lab_row, lab_src + src_row * lab_row, lab_row);
+  const auto copy_rows = [&](std::int64_t lo, std::int64_t hi) {
+    for (std::int64_t r = lo; r < hi; ++r) {
+      const auto src_row = static_cast<std::size_t>(order_[static_cast<std::size_t>(begin + r)]);
+      const auto dst_row = static_cast<std::size_t>(r);
+      std::memcpy(in_dst + dst_row * in_row, in_src + src_row * in_row, in_row);
+      std::memcpy(lab_dst + dst_row * lab_row, lab_src + src_row * lab_row, lab_row);
+    }
+  };
+  // The rows come from all over the dataset (shuffled), so the copy waits on memory: a large batch
+  // is gathered by all threads of the pool, each a range of rows (the result is the same).
+  const int parts = static_cast<std::size_t>(b) * in_row < kParallelGatherBytes
+                        ? 1
+                        : static_cast<int>(std::min<std::int64_t>(kernels::num_threads(), b));
+  if (parts <= 1) {
+    copy_rows(0, b);
+  } else {
+    kernels::parallel_for(parts, [&](int p) { copy_rows(b * p / parts, b * (p + 1) / parts); });
   }
   return out;
 }
