@@ -12,6 +12,7 @@
 #include <map>
 #include <set>
 #include <sstream>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -29,6 +30,11 @@
 
 namespace cg = chaingrad;
 namespace fs = std::filesystem;
+
+// From src/kernels/cpu/gemm.hpp (a library-internal header, not on the CLI's include path).
+namespace chaingrad::kernels {
+void warm_up_gemm();
+}
 
 namespace {
 
@@ -211,7 +217,13 @@ void run_train(const TrainOptions& o_in) {
   if (o.detect_anomaly) cg::AnomalyMode::set_enabled(true);
 
   cg::data::Dataset train, test;
-  load_data(o, train, test);
+  {
+    // oneDNN compiles its sgemm kernels the first time they run (about 30 ms, gemm.hpp): that
+    // happens on another thread while the data set loads (zlib, one thread), not inside the first
+    // training step.
+    std::jthread gemm_warm_up([] { cg::kernels::warm_up_gemm(); });
+    load_data(o, train, test);
+  }
   cli::CheckpointInfo info;
   if (o.normalize == "standard") {
     info.norm = cg::data::compute_normalization(train.inputs);

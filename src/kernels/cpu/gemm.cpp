@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <mutex>
+#include <vector>
 
 #include "chaingrad/error.hpp"
 #include "kernels/cpu/parallel.hpp"
@@ -138,6 +139,22 @@ void gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, T al
   if (m == 0 || n == 0) return;
   if (k == 0) return scale_only(m, n, beta, c, ldc);
   split_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+void warm_up_gemm() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    // Every transposition, beta 0 and 1, at sizes on both sides of oneDNN's small-matrix paths.
+    const std::int64_t sizes[][3] = {{256, 256, 256}, {32, 256, 256}, {256, 10, 256}, {10, 256, 256}, {256, 256, 10}};
+    std::vector<float> a(256 * 256, 0.5f), b(256 * 256, 0.25f), c(256 * 256, 0.f);
+    for (const auto& s : sizes)
+      for (int t = 0; t < 4; ++t) {
+        const bool ta = t & 1, tb = t & 2;
+        const std::int64_t m = s[0], n = s[1], k = s[2];
+        for (const float beta : {0.f, 1.f})
+          serial_gemm(ta, tb, m, n, k, 1.f, a.data(), ta ? m : k, b.data(), tb ? k : n, beta, c.data(), n);
+      }
+  });
 }
 
 template void gemm<float>(bool, bool, std::int64_t, std::int64_t, std::int64_t, float, const float*, std::int64_t,

@@ -9,4 +9,10 @@ template <class T>
 void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* a,
           std::int64_t lda, const T* b, std::int64_t ldb, T beta, T* c, std::int64_t ldc);
 
+// oneDNN generates the machine code of its sgemm kernels the first time each kind of product runs:
+// about 30 ms on this project's machine, most of it for the first A^T B product. This runs one
+// product of each layout, so that a caller can pay that cost when it suits it (`chaingrad train`:
+// on another thread while the data set loads). Any thread may call it; only the first call works.
+void warm_up_gemm();
+
 }  // namespace chaingrad::kernels
