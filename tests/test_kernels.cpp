@@ -5,6 +5,7 @@
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <thread>
@@ -293,12 +294,15 @@ TEST(VectorMath, MatchesDoublePrecisionWithinFourUlps) {
     EXPECT_TRUE(close_ulps(s[i], 1.0 / (1.0 + std::exp(-xd)), x[i]));
   }
   for (int lanes : {16, 8, 1}) {  // every width this CPU has, tails included
-    const kc::ArrayFn vexp = kc::vexp_with_lanes(lanes), vtanh = kc::vtanh_with_lanes(lanes);
+    const kc::ArrayFn vexp = kc::vexp_with_lanes(lanes), vtanh = kc::vtanh_with_lanes(lanes),
+                      vlog = kc::vlog_with_lanes(lanes);
     if (!vexp) continue;
     for (std::int64_t len : {n, std::int64_t{13}, std::int64_t{5}}) {
-      std::vector<float> e2(static_cast<std::size_t>(len)), t2(static_cast<std::size_t>(len));
+      std::vector<float> e2(static_cast<std::size_t>(len)), t2(static_cast<std::size_t>(len)),
+          l2(static_cast<std::size_t>(len));
       vexp(x.data() + (n - len), e2.data(), len);
       vtanh(x.data() + (n - len), t2.data(), len);
+      vlog(x.data() + (n - len), l2.data(), len);
       for (std::int64_t i = 0; i < len; ++i) {
         const float xi = x[static_cast<std::size_t>(n - len + i)];
         const double want_exp = std::exp(static_cast<double>(xi));
@@ -306,6 +310,14 @@ TEST(VectorMath, MatchesDoublePrecisionWithinFourUlps) {
           EXPECT_TRUE(close_ulps(e2[static_cast<std::size_t>(i)], want_exp, xi)) << lanes << " lanes";
         }
         EXPECT_TRUE(close_ulps(t2[static_cast<std::size_t>(i)], std::tanh(static_cast<double>(xi)), xi)) << lanes << " lanes";
+        const float li = l2[static_cast<std::size_t>(i)];
+        if (xi > 0) {
+          EXPECT_TRUE(close_ulps(li, std::log(static_cast<double>(xi)), xi)) << lanes << " lanes";
+        } else if (xi == 0) {
+          EXPECT_EQ(li, -std::numeric_limits<float>::infinity()) << lanes << " lanes";
+        } else {
+          EXPECT_TRUE(std::isnan(li)) << "log(" << xi << ") with " << lanes << " lanes";
+        }
       }
     }
   }
@@ -320,19 +332,19 @@ TEST(VectorMath, MatchesDoublePrecisionWithinFourUlps) {
 // Every length (the vector tails), cut anywhere, in place or not: the same bits as one call.
 TEST(VectorMath, ResultsDoNotDependOnLengthCutsOrAliasing) {
   std::vector<float> x(300);
-  for (std::size_t i = 0; i < x.size(); ++i) x[i] = std::sin(static_cast<float>(i)) * 12.0f;
-  for (auto fn : {kc::vexp, kc::vtanh, kc::vsigmoid}) {
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = std::sin(static_cast<float>(i)) * 12.0f;  // log: NaN below 0
+  for (auto fn : {kc::vexp, kc::vtanh, kc::vsigmoid, kc::vlog}) {
     std::vector<float> whole(x.size());
     fn(x.data(), whole.data(), static_cast<std::int64_t>(x.size()));
     for (std::int64_t len = 0; len <= 40; ++len) {
       std::vector<float> part(static_cast<std::size_t>(len));
       fn(x.data() + 7, part.data(), len);
-      for (std::int64_t i = 0; i < len; ++i) ASSERT_EQ(part[static_cast<std::size_t>(i)], whole[static_cast<std::size_t>(7 + i)]);
+      EXPECT_EQ(std::memcmp(part.data(), whole.data() + 7, part.size() * sizeof(float)), 0) << "length " << len;
     }
     std::vector<float> inplace = x;
     fn(inplace.data(), inplace.data(), 123);
     fn(inplace.data() + 123, inplace.data() + 123, static_cast<std::int64_t>(x.size()) - 123);
-    EXPECT_EQ(inplace, whole);
+    EXPECT_EQ(std::memcmp(inplace.data(), whole.data(), x.size() * sizeof(float)), 0);  // bits: NaN too
   }
 }
 
@@ -342,7 +354,8 @@ TEST(VectorMath, Float32OpsAgreeAcrossLayoutsSizesAndThreads) {
   ThreadCount restore;
   const cg::Tensor x = cg::randn({300, 257}) * 6.0;
   for (auto op : {+[](const cg::Tensor& t) { return cg::sigmoid(t); }, +[](const cg::Tensor& t) { return cg::tanh(t); },
-                  +[](const cg::Tensor& t) { return cg::exp(t); }}) {
+                  +[](const cg::Tensor& t) { return cg::exp(t); },
+                  +[](const cg::Tensor& t) { return cg::log(cg::abs(t) + 0.01); }}) {
     kc::set_num_threads(1);
     const auto want = op(x).to_vector<float>();
     kc::set_num_threads(3);
@@ -350,5 +363,21 @@ TEST(VectorMath, Float32OpsAgreeAcrossLayoutsSizesAndThreads) {
     EXPECT_EQ(op(x.t().contiguous()).t().contiguous().to_vector<float>(), want);
     EXPECT_EQ(op(x.t()).t().contiguous().to_vector<float>(), want);
     EXPECT_EQ(op(x.select(0, 5).select(0, 9)).item(), static_cast<double>(want[5 * 257 + 9]));
+  }
+}
+
+// float32 softmax rows go through the vector kernels in blocks of rows; they must match float64
+// across block boundaries, for short and long rows, with -inf entries.
+TEST(VectorMath, Float32SoftmaxFamilyMatchesFloat64) {
+  for (const auto& [rows, cols] : {std::pair<std::int64_t, std::int64_t>{1000, 10}, {3, 5000}, {7, 1}}) {
+    cg::Tensor x = cg::randn({rows, cols}, {.dtype = cg::DType::Float64}) * 8.0;
+    if (cols > 1) x.select(0, 1).select(0, 0).fill_(-std::numeric_limits<double>::infinity());
+    const cg::Tensor xf = x.to(cg::DType::Float32).to(cg::DType::Float64);  // the same values in both
+    const cg::Tensor x32 = x.to(cg::DType::Float32);
+    EXPECT_TRUE(cg::allclose(cg::softmax(x32, 1).to(cg::DType::Float64), cg::softmax(xf, 1), 1e-5, 1e-7));
+    EXPECT_TRUE(cg::allclose(cg::log_softmax(x32, 1).to(cg::DType::Float64).slice(1, cols > 1 ? 1 : 0, cols),
+                             cg::log_softmax(xf, 1).slice(1, cols > 1 ? 1 : 0, cols), 1e-5, 1e-5));
+    EXPECT_TRUE(cg::allclose(cg::logsumexp(x32, {1}).to(cg::DType::Float64), cg::logsumexp(xf, {1}), 1e-6, 1e-5));
+    EXPECT_EQ(cg::softmax(x32, 1).at({1, 0}), cols > 1 ? 0.0 : 1.0);
   }
 }

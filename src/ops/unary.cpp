@@ -50,7 +50,7 @@ Tensor exp(const Tensor& x) {
 
 // d/dx log x = 1/x
 Tensor log(const Tensor& x) {
-  Tensor out = unary_map(x, "log", [](auto v) { return std::log(v); });
+  Tensor out = vector_unary(x, "log", kernels::vlog, [](auto v) { return std::log(v); });
   if (detail::any_requires_grad({x}))
     record("log", {x}, out, [sx = SavedTensor(x, false)](const Tensor& g, const Node& self) {
       return GradList{div(g, sx.unpack(self))};

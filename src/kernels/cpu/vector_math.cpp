@@ -14,6 +14,7 @@ namespace {
 #pragma GCC target("avx512f")
 extern "C" __m512 _ZGVeN16v_expf(__m512);
 extern "C" __m512 _ZGVeN16v_tanhf(__m512);
+extern "C" __m512 _ZGVeN16v_logf(__m512);
 
 template <__m512 (*F)(__m512)>
 void map16(const float* x, float* y, std::int64_t n) {
@@ -26,12 +27,14 @@ void map16(const float* x, float* y, std::int64_t n) {
 }
 void exp16(const float* x, float* y, std::int64_t n) { map16<_ZGVeN16v_expf>(x, y, n); }
 void tanh16(const float* x, float* y, std::int64_t n) { map16<_ZGVeN16v_tanhf>(x, y, n); }
+void log16(const float* x, float* y, std::int64_t n) { map16<_ZGVeN16v_logf>(x, y, n); }
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 extern "C" __m256 _ZGVdN8v_expf(__m256);
 extern "C" __m256 _ZGVdN8v_tanhf(__m256);
+extern "C" __m256 _ZGVdN8v_logf(__m256);
 
 template <__m256 (*F)(__m256)>
 void map8(const float* x, float* y, std::int64_t n) {
@@ -46,6 +49,7 @@ void map8(const float* x, float* y, std::int64_t n) {
 }
 void exp8(const float* x, float* y, std::int64_t n) { map8<_ZGVdN8v_expf>(x, y, n); }
 void tanh8(const float* x, float* y, std::int64_t n) { map8<_ZGVdN8v_tanhf>(x, y, n); }
+void log8(const float* x, float* y, std::int64_t n) { map8<_ZGVdN8v_logf>(x, y, n); }
 #pragma GCC pop_options
 
 void exp1(const float* x, float* y, std::int64_t n) {
@@ -54,18 +58,21 @@ void exp1(const float* x, float* y, std::int64_t n) {
 void tanh1(const float* x, float* y, std::int64_t n) {
   for (std::int64_t i = 0; i < n; ++i) y[i] = std::tanh(x[i]);
 }
+void log1(const float* x, float* y, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i) y[i] = std::log(x[i]);
+}
 
 bool has_avx512() { return __builtin_cpu_supports("avx512f"); }
 bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 
 struct Impl {
-  ArrayFn exp, tanh;
+  ArrayFn exp, tanh, log;
 };
 const Impl& impl() {
   static const Impl chosen = [] {
-    if (has_avx512()) return Impl{exp16, tanh16};
-    if (has_avx2()) return Impl{exp8, tanh8};
-    return Impl{exp1, tanh1};
+    if (has_avx512()) return Impl{exp16, tanh16, log16};
+    if (has_avx2()) return Impl{exp8, tanh8, log8};
+    return Impl{exp1, tanh1, log1};
   }();
   return chosen;
 }
@@ -83,7 +90,14 @@ ArrayFn vtanh_with_lanes(int lanes) {
   return lanes == 1 ? tanh1 : nullptr;
 }
 
+ArrayFn vlog_with_lanes(int lanes) {
+  if (lanes == 16) return has_avx512() ? log16 : nullptr;
+  if (lanes == 8) return has_avx2() ? log8 : nullptr;
+  return lanes == 1 ? log1 : nullptr;
+}
+
 void vexp(const float* x, float* y, std::int64_t n) { impl().exp(x, y, n); }
+void vlog(const float* x, float* y, std::int64_t n) { impl().log(x, y, n); }
 void vtanh(const float* x, float* y, std::int64_t n) { impl().tanh(x, y, n); }
 
 void vsigmoid(const float* x, float* y, std::int64_t n) {

@@ -9,13 +9,15 @@ namespace chaingrad::kernels {
 
 void vexp(const float* x, float* y, std::int64_t n);
 void vtanh(const float* x, float* y, std::int64_t n);
+void vlog(const float* x, float* y, std::int64_t n);
 // 1 / (1 + e^-x), from e^-|x| so that neither side overflows.
 void vsigmoid(const float* x, float* y, std::int64_t n);
 
 // The implementations by lane width (16, 8 or 1), so tests reach every one; null where this CPU
-// lacks the instructions. vexp and vtanh use the widest.
+// lacks the instructions. vexp, vtanh and vlog use the widest.
 using ArrayFn = void (*)(const float*, float*, std::int64_t);
 ArrayFn vexp_with_lanes(int lanes);
 ArrayFn vtanh_with_lanes(int lanes);
+ArrayFn vlog_with_lanes(int lanes);
 
 }  // namespace chaingrad::kernels
