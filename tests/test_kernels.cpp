@@ -293,33 +293,44 @@ TEST(VectorMath, MatchesDoublePrecisionWithinFourUlps) {
     EXPECT_TRUE(close_ulps(t[i], std::tanh(xd), x[i]));
     EXPECT_TRUE(close_ulps(s[i], 1.0 / (1.0 + std::exp(-xd)), x[i]));
   }
-  for (int lanes : {16, 8, 1}) {  // every width this CPU has, tails included
-    const kc::ArrayFn vexp = kc::vexp_with_lanes(lanes), vtanh = kc::vtanh_with_lanes(lanes),
-                      vlog = kc::vlog_with_lanes(lanes);
-    if (!vexp) continue;
-    for (std::int64_t len : {n, std::int64_t{13}, std::int64_t{5}}) {
-      std::vector<float> e2(static_cast<std::size_t>(len)), t2(static_cast<std::size_t>(len)),
-          l2(static_cast<std::size_t>(len));
-      vexp(x.data() + (n - len), e2.data(), len);
-      vtanh(x.data() + (n - len), t2.data(), len);
-      vlog(x.data() + (n - len), l2.data(), len);
-      for (std::int64_t i = 0; i < len; ++i) {
-        const float xi = x[static_cast<std::size_t>(n - len + i)];
-        const double want_exp = std::exp(static_cast<double>(xi));
-        if (want_exp <= std::numeric_limits<float>::max()) {
-          EXPECT_TRUE(close_ulps(e2[static_cast<std::size_t>(i)], want_exp, xi)) << lanes << " lanes";
-        }
-        EXPECT_TRUE(close_ulps(t2[static_cast<std::size_t>(i)], std::tanh(static_cast<double>(xi)), xi)) << lanes << " lanes";
-        const float li = l2[static_cast<std::size_t>(i)];
-        if (xi > 0) {
-          EXPECT_TRUE(close_ulps(li, std::log(static_cast<double>(xi)), xi)) << lanes << " lanes";
-        } else if (xi == 0) {
-          EXPECT_EQ(li, -std::numeric_limits<float>::infinity()) << lanes << " lanes";
-        } else {
-          EXPECT_TRUE(std::isnan(li)) << "log(" << xi << ") with " << lanes << " lanes";
+  // Every function at every width this CPU has, tails included, against double precision.
+  struct Reference {
+    kc::VectorFn fn;
+    double (*f)(double);
+  };
+  const Reference refs[] = {{kc::VectorFn::Exp, [](double v) { return std::exp(v); }},
+                            {kc::VectorFn::Log, [](double v) { return std::log(v); }},
+                            {kc::VectorFn::Tanh, [](double v) { return std::tanh(v); }},
+                            {kc::VectorFn::Erf, [](double v) { return std::erf(v); }},
+                            {kc::VectorFn::Log1p, [](double v) { return std::log1p(v); }},
+                            {kc::VectorFn::Expm1, [](double v) { return std::expm1(v); }}};
+  for (const Reference& ref : refs) {
+    for (int lanes : {16, 8, 1}) {
+      const kc::ArrayFn fn = kc::vector_fn_with_lanes(ref.fn, lanes);
+      if (!fn) continue;
+      for (std::int64_t len : {n, std::int64_t{13}, std::int64_t{5}}) {
+        std::vector<float> got(static_cast<std::size_t>(len));
+        fn(x.data() + (n - len), got.data(), len);
+        for (std::int64_t i = 0; i < len; ++i) {
+          const float xi = x[static_cast<std::size_t>(n - len + i)], gi = got[static_cast<std::size_t>(i)];
+          const double want = ref.f(xi);
+          if (std::isnan(want)) {
+            EXPECT_TRUE(std::isnan(gi)) << "function " << static_cast<int>(ref.fn) << " x=" << xi;
+          } else if (std::abs(want) > std::numeric_limits<float>::max()) {
+            EXPECT_EQ(gi, static_cast<float>(want)) << "function " << static_cast<int>(ref.fn) << " x=" << xi;
+          } else {
+            EXPECT_TRUE(close_ulps(gi, want, xi)) << "function " << static_cast<int>(ref.fn) << ", " << lanes << " lanes";
+          }
         }
       }
     }
+  }
+  std::vector<float> sp(x.size());
+  kc::vsoftplus(x.data(), sp.data(), n);
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const double xd = x[i];
+    const double want = std::max(xd, 0.0) + std::log1p(std::exp(-std::abs(xd)));
+    EXPECT_TRUE(close_ulps(sp[i], want, x[i]));
   }
   const float nan = std::numeric_limits<float>::quiet_NaN();
   float out = 0;
@@ -333,7 +344,7 @@ TEST(VectorMath, MatchesDoublePrecisionWithinFourUlps) {
 TEST(VectorMath, ResultsDoNotDependOnLengthCutsOrAliasing) {
   std::vector<float> x(300);
   for (std::size_t i = 0; i < x.size(); ++i) x[i] = std::sin(static_cast<float>(i)) * 12.0f;  // log: NaN below 0
-  for (auto fn : {kc::vexp, kc::vtanh, kc::vsigmoid, kc::vlog}) {
+  for (auto fn : {kc::vexp, kc::vtanh, kc::vsigmoid, kc::vlog, kc::verf, kc::vlog1p, kc::vexpm1, kc::vsoftplus}) {
     std::vector<float> whole(x.size());
     fn(x.data(), whole.data(), static_cast<std::int64_t>(x.size()));
     for (std::int64_t len = 0; len <= 40; ++len) {
@@ -355,7 +366,9 @@ TEST(VectorMath, Float32OpsAgreeAcrossLayoutsSizesAndThreads) {
   const cg::Tensor x = cg::randn({300, 257}) * 6.0;
   for (auto op : {+[](const cg::Tensor& t) { return cg::sigmoid(t); }, +[](const cg::Tensor& t) { return cg::tanh(t); },
                   +[](const cg::Tensor& t) { return cg::exp(t); },
-                  +[](const cg::Tensor& t) { return cg::log(cg::abs(t) + 0.01); }}) {
+                  +[](const cg::Tensor& t) { return cg::log(cg::abs(t) + 0.01); },
+                  +[](const cg::Tensor& t) { return cg::gelu(t); }, +[](const cg::Tensor& t) { return cg::elu(t, 0.7); },
+                  +[](const cg::Tensor& t) { return cg::softplus(t); }}) {
     kc::set_num_threads(1);
     const auto want = op(x).to_vector<float>();
     kc::set_num_threads(3);

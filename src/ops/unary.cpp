@@ -20,8 +20,9 @@ Tensor constant_factor(const Tensor& x, F f) {
 }
 // float32 goes through the vector math kernels (any layout: a strided input is packed first, so
 // the result never depends on the layout); float64 keeps libm's correctly rounded-or-nearly path.
-template <class F>
-Tensor vector_unary(const Tensor& x, const char* op, void (*vec)(const float*, float*, std::int64_t), F scalar) {
+// `vec(x, y, n)` maps a float32 array; `scalar` is the rule for every other dtype.
+template <class V, class F>
+Tensor vector_unary(const Tensor& x, const char* op, V vec, F scalar) {
   if (!x.defined() || x.dtype() != DType::Float32) return unary_map(x, op, scalar);
   const Tensor c = x.is_contiguous() ? x : x.detach().contiguous();
   Tensor out = empty(c.shape(), DType::Float32);
@@ -60,7 +61,7 @@ Tensor log(const Tensor& x) {
 
 // d/dx log(1+x) = 1/(1+x)
 Tensor log1p(const Tensor& x) {
-  Tensor out = unary_map(x, "log1p", [](auto v) { return std::log1p(v); });
+  Tensor out = vector_unary(x, "log1p", kernels::vlog1p, [](auto v) { return std::log1p(v); });
   if (detail::any_requires_grad({x}))
     record("log1p", {x}, out, [sx = SavedTensor(x, false)](const Tensor& g, const Node& self) {
       return GradList{div(g, sx.unpack(self) + 1.0)};
@@ -131,7 +132,7 @@ Tensor tanh(const Tensor& x) {
 
 // d/dx erf x = 2/sqrt(pi) e^(-x^2)
 Tensor erf(const Tensor& x) {
-  Tensor out = unary_map(x, "erf", [](auto v) { return std::erf(v); });
+  Tensor out = vector_unary(x, "erf", kernels::verf, [](auto v) { return std::erf(v); });
   if (detail::any_requires_grad({x}))
     record("erf", {x}, out, [sx = SavedTensor(x, false)](const Tensor& g, const Node& self) {
       const Tensor xv = sx.unpack(self);
@@ -210,7 +211,12 @@ Tensor leaky_relu(const Tensor& x, double slope) {
 
 // elu(x) = x for x > 0, alpha (e^x - 1) otherwise; d/dx = 1 or elu(x) + alpha
 Tensor elu(const Tensor& x, double alpha) {
-  Tensor out = unary_map(x, "elu", [alpha](auto v) {
+  const auto a = static_cast<float>(alpha);
+  auto vec = [a](const float* in, float* y, std::int64_t n) {
+    kernels::vexpm1(in, y, n);
+    for (std::int64_t i = 0; i < n; ++i) y[i] = in[i] > 0 ? in[i] : a * y[i];
+  };
+  Tensor out = vector_unary(x, "elu", vec, [alpha](auto v) {
     return v > 0 ? v : static_cast<decltype(v)>(alpha) * std::expm1(v);
   });
   if (detail::any_requires_grad({x}))
@@ -227,7 +233,7 @@ Tensor gelu(const Tensor& x) { return mul(x * 0.5, erf(x * M_SQRT1_2) + 1.0); }
 
 // softplus(x) = log(1 + e^x) = max(x, 0) + log1p(e^-|x|); d/dx = sigma(x)
 Tensor softplus(const Tensor& x) {
-  Tensor out = unary_map(x, "softplus", [](auto v) {
+  Tensor out = vector_unary(x, "softplus", kernels::vsoftplus, [](auto v) {
     return (v > 0 ? v : decltype(v)(0)) + std::log1p(std::exp(-std::abs(v)));
   });
   if (detail::any_requires_grad({x}))

@@ -5,17 +5,21 @@
 #include <algorithm>
 #include <cmath>
 
-namespace chaingrad::kernels {
-namespace {
-
-// libmvec's vector variants (the x86-64 vector function ABI names of expf and tanhf). The width
-// is picked at run time, so a build without -march=native still gets them.
+// libmvec's vector variants, by their x86-64 vector function ABI names ('e': AVX-512, 16 lanes;
+// 'd': AVX2, 8 lanes). The width is picked at run time, so a build without -march=native still
+// gets them.
 #pragma GCC push_options
 #pragma GCC target("avx512f")
-extern "C" __m512 _ZGVeN16v_expf(__m512);
-extern "C" __m512 _ZGVeN16v_tanhf(__m512);
-extern "C" __m512 _ZGVeN16v_logf(__m512);
-
+extern "C" {
+__m512 _ZGVeN16v_expf(__m512);
+__m512 _ZGVeN16v_logf(__m512);
+__m512 _ZGVeN16v_tanhf(__m512);
+__m512 _ZGVeN16v_erff(__m512);
+__m512 _ZGVeN16v_log1pf(__m512);
+__m512 _ZGVeN16v_expm1f(__m512);
+}
+namespace chaingrad::kernels {
+namespace {
 template <__m512 (*F)(__m512)>
 void map16(const float* x, float* y, std::int64_t n) {
   std::int64_t i = 0;
@@ -25,17 +29,22 @@ void map16(const float* x, float* y, std::int64_t n) {
     _mm512_mask_storeu_ps(y + i, mask, F(_mm512_maskz_loadu_ps(mask, x + i)));
   }
 }
-void exp16(const float* x, float* y, std::int64_t n) { map16<_ZGVeN16v_expf>(x, y, n); }
-void tanh16(const float* x, float* y, std::int64_t n) { map16<_ZGVeN16v_tanhf>(x, y, n); }
-void log16(const float* x, float* y, std::int64_t n) { map16<_ZGVeN16v_logf>(x, y, n); }
+}  // namespace
+}  // namespace chaingrad::kernels
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
-extern "C" __m256 _ZGVdN8v_expf(__m256);
-extern "C" __m256 _ZGVdN8v_tanhf(__m256);
-extern "C" __m256 _ZGVdN8v_logf(__m256);
-
+extern "C" {
+__m256 _ZGVdN8v_expf(__m256);
+__m256 _ZGVdN8v_logf(__m256);
+__m256 _ZGVdN8v_tanhf(__m256);
+__m256 _ZGVdN8v_erff(__m256);
+__m256 _ZGVdN8v_log1pf(__m256);
+__m256 _ZGVdN8v_expm1f(__m256);
+}
+namespace chaingrad::kernels {
+namespace {
 template <__m256 (*F)(__m256)>
 void map8(const float* x, float* y, std::int64_t n) {
   std::int64_t i = 0;
@@ -47,73 +56,104 @@ void map8(const float* x, float* y, std::int64_t n) {
     std::copy(pad, pad + (n - i), y + i);
   }
 }
-void exp8(const float* x, float* y, std::int64_t n) { map8<_ZGVdN8v_expf>(x, y, n); }
-void tanh8(const float* x, float* y, std::int64_t n) { map8<_ZGVdN8v_tanhf>(x, y, n); }
-void log8(const float* x, float* y, std::int64_t n) { map8<_ZGVdN8v_logf>(x, y, n); }
+}  // namespace
+}  // namespace chaingrad::kernels
 #pragma GCC pop_options
 
-void exp1(const float* x, float* y, std::int64_t n) {
-  for (std::int64_t i = 0; i < n; ++i) y[i] = std::exp(x[i]);
+namespace chaingrad::kernels {
+namespace {
+
+template <float (*F)(float)>
+void map1(const float* x, float* y, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i) y[i] = F(x[i]);
 }
-void tanh1(const float* x, float* y, std::int64_t n) {
-  for (std::int64_t i = 0; i < n; ++i) y[i] = std::tanh(x[i]);
-}
-void log1(const float* x, float* y, std::int64_t n) {
-  for (std::int64_t i = 0; i < n; ++i) y[i] = std::log(x[i]);
+
+struct Widths {
+  ArrayFn lanes16, lanes8, lanes1;
+};
+const Widths& widths(VectorFn fn) {
+  static const Widths table[] = {
+      {map16<_ZGVeN16v_expf>, map8<_ZGVdN8v_expf>, map1<::expf>},
+      {map16<_ZGVeN16v_logf>, map8<_ZGVdN8v_logf>, map1<::logf>},
+      {map16<_ZGVeN16v_tanhf>, map8<_ZGVdN8v_tanhf>, map1<::tanhf>},
+      {map16<_ZGVeN16v_erff>, map8<_ZGVdN8v_erff>, map1<::erff>},
+      {map16<_ZGVeN16v_log1pf>, map8<_ZGVdN8v_log1pf>, map1<::log1pf>},
+      {map16<_ZGVeN16v_expm1f>, map8<_ZGVdN8v_expm1f>, map1<::expm1f>},
+  };
+  return table[static_cast<int>(fn)];
 }
 
 bool has_avx512() { return __builtin_cpu_supports("avx512f"); }
 bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 
-struct Impl {
-  ArrayFn exp, tanh, log;
-};
-const Impl& impl() {
-  static const Impl chosen = [] {
-    if (has_avx512()) return Impl{exp16, tanh16, log16};
-    if (has_avx2()) return Impl{exp8, tanh8, log8};
-    return Impl{exp1, tanh1, log1};
-  }();
-  return chosen;
+ArrayFn widest(VectorFn fn) {
+  const Widths& w = widths(fn);
+  return has_avx512() ? w.lanes16 : has_avx2() ? w.lanes8 : w.lanes1;
 }
 
 }  // namespace
 
-ArrayFn vexp_with_lanes(int lanes) {
-  if (lanes == 16) return has_avx512() ? exp16 : nullptr;
-  if (lanes == 8) return has_avx2() ? exp8 : nullptr;
-  return lanes == 1 ? exp1 : nullptr;
-}
-ArrayFn vtanh_with_lanes(int lanes) {
-  if (lanes == 16) return has_avx512() ? tanh16 : nullptr;
-  if (lanes == 8) return has_avx2() ? tanh8 : nullptr;
-  return lanes == 1 ? tanh1 : nullptr;
+ArrayFn vector_fn_with_lanes(VectorFn fn, int lanes) {
+  const Widths& w = widths(fn);
+  if (lanes == 16) return has_avx512() ? w.lanes16 : nullptr;
+  if (lanes == 8) return has_avx2() ? w.lanes8 : nullptr;
+  return lanes == 1 ? w.lanes1 : nullptr;
 }
 
-ArrayFn vlog_with_lanes(int lanes) {
-  if (lanes == 16) return has_avx512() ? log16 : nullptr;
-  if (lanes == 8) return has_avx2() ? log8 : nullptr;
-  return lanes == 1 ? log1 : nullptr;
+void vexp(const float* x, float* y, std::int64_t n) {
+  static const ArrayFn f = widest(VectorFn::Exp);
+  f(x, y, n);
+}
+void vlog(const float* x, float* y, std::int64_t n) {
+  static const ArrayFn f = widest(VectorFn::Log);
+  f(x, y, n);
+}
+void vtanh(const float* x, float* y, std::int64_t n) {
+  static const ArrayFn f = widest(VectorFn::Tanh);
+  f(x, y, n);
+}
+void verf(const float* x, float* y, std::int64_t n) {
+  static const ArrayFn f = widest(VectorFn::Erf);
+  f(x, y, n);
+}
+void vlog1p(const float* x, float* y, std::int64_t n) {
+  static const ArrayFn f = widest(VectorFn::Log1p);
+  f(x, y, n);
+}
+void vexpm1(const float* x, float* y, std::int64_t n) {
+  static const ArrayFn f = widest(VectorFn::Expm1);
+  f(x, y, n);
 }
 
-void vexp(const float* x, float* y, std::int64_t n) { impl().exp(x, y, n); }
-void vlog(const float* x, float* y, std::int64_t n) { impl().log(x, y, n); }
-void vtanh(const float* x, float* y, std::int64_t n) { impl().tanh(x, y, n); }
-
-void vsigmoid(const float* x, float* y, std::int64_t n) {
-  constexpr std::int64_t kBlock = 512;  // e^-|x| for a block stays in L1 between the passes
+namespace {
+// finish(x, e, y, m) for blocks of e = e^-|x|, which stay in L1 between the passes.
+template <class Finish>
+void with_exp_of_minus_abs(const float* x, float* y, std::int64_t n, Finish finish) {
+  constexpr std::int64_t kBlock = 512;
   alignas(64) float e[kBlock];
   for (std::int64_t i0 = 0; i0 < n; i0 += kBlock) {
     const std::int64_t m = std::min(kBlock, n - i0);
-    const float* xb = x + i0;
-    for (std::int64_t j = 0; j < m; ++j) e[j] = -std::abs(xb[j]);
-    impl().exp(e, e, m);
-    float* yb = y + i0;
+    for (std::int64_t j = 0; j < m; ++j) e[j] = -std::abs(x[i0 + j]);
+    vexp(e, e, m);
+    finish(x + i0, e, y + i0, m);
+  }
+}
+}  // namespace
+
+void vsigmoid(const float* x, float* y, std::int64_t n) {
+  with_exp_of_minus_abs(x, y, n, [](const float* xb, const float* e, float* yb, std::int64_t m) {
     for (std::int64_t j = 0; j < m; ++j) {
       const float r = 1.0f / (1.0f + e[j]);
       yb[j] = xb[j] >= 0.0f ? r : e[j] * r;
     }
-  }
+  });
+}
+
+void vsoftplus(const float* x, float* y, std::int64_t n) {
+  with_exp_of_minus_abs(x, y, n, [](const float* xb, float* e, float* yb, std::int64_t m) {
+    vlog1p(e, e, m);
+    for (std::int64_t j = 0; j < m; ++j) yb[j] = std::max(xb[j], 0.0f) + e[j];
+  });
 }
 
 }  // namespace chaingrad::kernels

@@ -8,16 +8,20 @@
 namespace chaingrad::kernels {
 
 void vexp(const float* x, float* y, std::int64_t n);
-void vtanh(const float* x, float* y, std::int64_t n);
 void vlog(const float* x, float* y, std::int64_t n);
+void vtanh(const float* x, float* y, std::int64_t n);
+void verf(const float* x, float* y, std::int64_t n);
+void vlog1p(const float* x, float* y, std::int64_t n);
+void vexpm1(const float* x, float* y, std::int64_t n);
 // 1 / (1 + e^-x), from e^-|x| so that neither side overflows.
 void vsigmoid(const float* x, float* y, std::int64_t n);
+// log(1 + e^x) = max(x, 0) + log1p(e^-|x|), finite for any x.
+void vsoftplus(const float* x, float* y, std::int64_t n);
 
 // The implementations by lane width (16, 8 or 1), so tests reach every one; null where this CPU
-// lacks the instructions. vexp, vtanh and vlog use the widest.
+// lacks the instructions. The functions above use the widest.
+enum class VectorFn { Exp, Log, Tanh, Erf, Log1p, Expm1 };
 using ArrayFn = void (*)(const float*, float*, std::int64_t);
-ArrayFn vexp_with_lanes(int lanes);
-ArrayFn vtanh_with_lanes(int lanes);
-ArrayFn vlog_with_lanes(int lanes);
+ArrayFn vector_fn_with_lanes(VectorFn fn, int lanes);
 
 }  // namespace chaingrad::kernels
