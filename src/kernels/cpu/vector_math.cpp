@@ -100,30 +100,20 @@ ArrayFn vector_fn_with_lanes(VectorFn fn, int lanes) {
   return lanes == 1 ? w.lanes1 : nullptr;
 }
 
-void vexp(const float* x, float* y, std::int64_t n) {
-  static const ArrayFn f = widest(VectorFn::Exp);
+namespace {
+template <VectorFn F>
+void on_widest(const float* x, float* y, std::int64_t n) {
+  static const ArrayFn f = widest(F);
   f(x, y, n);
 }
-void vlog(const float* x, float* y, std::int64_t n) {
-  static const ArrayFn f = widest(VectorFn::Log);
-  f(x, y, n);
-}
-void vtanh(const float* x, float* y, std::int64_t n) {
-  static const ArrayFn f = widest(VectorFn::Tanh);
-  f(x, y, n);
-}
-void verf(const float* x, float* y, std::int64_t n) {
-  static const ArrayFn f = widest(VectorFn::Erf);
-  f(x, y, n);
-}
-void vlog1p(const float* x, float* y, std::int64_t n) {
-  static const ArrayFn f = widest(VectorFn::Log1p);
-  f(x, y, n);
-}
-void vexpm1(const float* x, float* y, std::int64_t n) {
-  static const ArrayFn f = widest(VectorFn::Expm1);
-  f(x, y, n);
-}
+}  // namespace
+
+void vexp(const float* x, float* y, std::int64_t n) { on_widest<VectorFn::Exp>(x, y, n); }
+void vlog(const float* x, float* y, std::int64_t n) { on_widest<VectorFn::Log>(x, y, n); }
+void vtanh(const float* x, float* y, std::int64_t n) { on_widest<VectorFn::Tanh>(x, y, n); }
+void verf(const float* x, float* y, std::int64_t n) { on_widest<VectorFn::Erf>(x, y, n); }
+void vlog1p(const float* x, float* y, std::int64_t n) { on_widest<VectorFn::Log1p>(x, y, n); }
+void vexpm1(const float* x, float* y, std::int64_t n) { on_widest<VectorFn::Expm1>(x, y, n); }
 
 namespace {
 // finish(x, e, y, m) for blocks of e = e^-|x|, which stay in L1 between the passes.
