@@ -165,6 +165,97 @@ std::vector<Case> cases() {
                  const torch::Tensor a = torch::randn({1024, 10}), y = torch::randint(0, 10, {1024});
                  for (auto _ : s) benchmark::DoNotOptimize(torch::nn::functional::cross_entropy(a, y));
                }});
+  c.push_back({"exp_1M", Bound::Memory, 8.0 * kM,
+               [](benchmark::State& s) {
+                 const cg::Tensor a = cg::randn({kM});
+                 for (auto _ : s) benchmark::DoNotOptimize(cg::exp(a));
+               },
+               [](benchmark::State& s) {
+                 const torch::Tensor a = torch::randn({kM});
+                 for (auto _ : s) benchmark::DoNotOptimize(torch::exp(a));
+               }});
+  c.push_back({"tanh_1M", Bound::Memory, 8.0 * kM,
+               [](benchmark::State& s) {
+                 const cg::Tensor a = cg::randn({kM});
+                 for (auto _ : s) benchmark::DoNotOptimize(cg::tanh(a));
+               },
+               [](benchmark::State& s) {
+                 const torch::Tensor a = torch::randn({kM});
+                 for (auto _ : s) benchmark::DoNotOptimize(torch::tanh(a));
+               }});
+  c.push_back({"gelu_1M", Bound::Memory, 8.0 * kM,
+               [](benchmark::State& s) {
+                 const cg::Tensor a = cg::randn({kM});
+                 for (auto _ : s) benchmark::DoNotOptimize(cg::gelu(a));
+               },
+               [](benchmark::State& s) {
+                 const torch::Tensor a = torch::randn({kM});
+                 for (auto _ : s) benchmark::DoNotOptimize(torch::gelu(a));
+               }});
+  c.push_back({"softmax_1024x1000", Bound::Memory, 8.0 * 1024 * 1000,
+               [](benchmark::State& s) {
+                 const cg::Tensor a = cg::randn({1024, 1000});
+                 for (auto _ : s) benchmark::DoNotOptimize(cg::softmax(a, 1));
+               },
+               [](benchmark::State& s) {
+                 const torch::Tensor a = torch::randn({1024, 1000});
+                 for (auto _ : s) benchmark::DoNotOptimize(torch::softmax(a, 1));
+               }});
+  c.push_back({"mean_var_dim1_1024x1024", Bound::Memory, 8.0 * kM,
+               [](benchmark::State& s) {
+                 const cg::Tensor a = cg::randn({1024, 1024});
+                 for (auto _ : s) {
+                   benchmark::DoNotOptimize(cg::mean(a, {1}));
+                   benchmark::DoNotOptimize(cg::var(a, {1}));
+                 }
+               },
+               [](benchmark::State& s) {
+                 const torch::Tensor a = torch::randn({1024, 1024});
+                 for (auto _ : s) {
+                   benchmark::DoNotOptimize(a.mean(1));
+                   benchmark::DoNotOptimize(a.var(1));
+                 }
+               }});
+  c.push_back({"transpose_copy_1024x1024", Bound::Memory, 8.0 * kM,
+               [](benchmark::State& s) {
+                 const cg::Tensor a = cg::randn({1024, 1024});
+                 for (auto _ : s) benchmark::DoNotOptimize(a.t().contiguous());
+               },
+               [](benchmark::State& s) {
+                 const torch::Tensor a = torch::randn({1024, 1024});
+                 for (auto _ : s) benchmark::DoNotOptimize(a.t().contiguous());
+               }});
+  c.push_back({"index_select_1024_of_10000x128", Bound::Memory, 8.0 * 1024 * 128,
+               [](benchmark::State& s) {
+                 const cg::Tensor a = cg::randn({10000, 128}), i = cg::randint(0, 10000, {1024});
+                 for (auto _ : s) benchmark::DoNotOptimize(cg::index_select(a, 0, i));
+               },
+               [](benchmark::State& s) {
+                 const torch::Tensor a = torch::randn({10000, 128}), i = torch::randint(0, 10000, {1024});
+                 for (auto _ : s) benchmark::DoNotOptimize(torch::index_select(a, 0, i));
+               }});
+  c.push_back({"layer_norm_1024x256", Bound::Memory, 8.0 * 1024 * 256,
+               [](benchmark::State& s) {
+                 cg::nn::LayerNorm ln(256);
+                 const cg::Tensor a = cg::randn({1024, 256});
+                 cg::NoGradGuard ng;
+                 for (auto _ : s) benchmark::DoNotOptimize(ln.forward(a));
+               },
+               [](benchmark::State& s) {
+                 torch::nn::LayerNorm ln(torch::nn::LayerNormOptions({256}));
+                 const torch::Tensor a = torch::randn({1024, 256});
+                 torch::NoGradGuard ng;
+                 for (auto _ : s) benchmark::DoNotOptimize(ln->forward(a));
+               }});
+  c.push_back({"max_pool2d_64x32x28x28", Bound::Memory, 4.0 * 64 * 32 * 28 * 28 * 1.25,
+               [](benchmark::State& s) {
+                 const cg::Tensor a = cg::randn({64, 32, 28, 28});
+                 for (auto _ : s) benchmark::DoNotOptimize(cg::max_pool2d(a, 2));
+               },
+               [](benchmark::State& s) {
+                 const torch::Tensor a = torch::randn({64, 32, 28, 28});
+                 for (auto _ : s) benchmark::DoNotOptimize(torch::max_pool2d(a, 2));
+               }});
   // Compute-bound products.
   c.push_back({"linear_1024x784x256", Bound::Compute, 2.0 * 1024 * 784 * 256,
                [](benchmark::State& s) {
@@ -183,6 +274,26 @@ std::vector<Case> cases() {
                [](benchmark::State& s) {
                  const torch::Tensor a = torch::randn({256, 256}), b = torch::randn({256, 256});
                  for (auto _ : s) benchmark::DoNotOptimize(torch::matmul(a, b));
+               }});
+  c.push_back({"bmm_32x64x64", Bound::Compute, 2.0 * 32 * 64 * 64 * 64,
+               [](benchmark::State& s) {
+                 const cg::Tensor a = cg::randn({32, 64, 64}), b = cg::randn({32, 64, 64});
+                 for (auto _ : s) benchmark::DoNotOptimize(cg::bmm(a, b));
+               },
+               [](benchmark::State& s) {
+                 const torch::Tensor a = torch::randn({32, 64, 64}), b = torch::randn({32, 64, 64});
+                 for (auto _ : s) benchmark::DoNotOptimize(torch::bmm(a, b));
+               }});
+  // The CNN's second convolution: [64, 32, 14, 14] -> 64 channels, 3x3, padding 1.
+  c.push_back({"conv2d_64x32x14x14_to_64", Bound::Compute, 2.0 * 64 * 64 * 32 * 9 * 14 * 14,
+               [](benchmark::State& s) {
+                 const cg::Tensor x = cg::randn({64, 32, 14, 14}), w = cg::randn({64, 32, 3, 3}), b = cg::randn({64});
+                 for (auto _ : s) benchmark::DoNotOptimize(cg::conv2d(x, w, b, 1, 1));
+               },
+               [](benchmark::State& s) {
+                 const torch::Tensor x = torch::randn({64, 32, 14, 14}), w = torch::randn({64, 32, 3, 3}),
+                                     b = torch::randn({64});
+                 for (auto _ : s) benchmark::DoNotOptimize(torch::conv2d(x, w, b, 1, 1));
                }});
   // Per-op overhead on 0-d tensors: outside any graph, and recorded for backward.
   c.push_back({"mul_0d", Bound::Overhead, 1,

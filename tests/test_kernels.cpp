@@ -394,3 +394,25 @@ TEST(VectorMath, Float32SoftmaxFamilyMatchesFloat64) {
     EXPECT_EQ(cg::softmax(x32, 1).at({1, 0}), cols > 1 ? 0.0 : 1.0);
   }
 }
+
+// Transposed sources are copied in tiles; every layout must give the plain walk's result.
+TEST(CopyKernel, TransposedCopiesMatchTheElementwiseWalk) {
+  ThreadCount restore;
+  for (int threads : {1, 3}) {
+    kc::set_num_threads(threads);
+    const cg::Tensor a = cg::randn({3, 70, 45, 33}, {.dtype = cg::DType::Float64});
+    for (const cg::Dims& order : {cg::Dims{0, 1, 3, 2}, cg::Dims{3, 2, 1, 0}, cg::Dims{0, 3, 1, 2}, cg::Dims{2, 0, 3, 1}}) {
+      const cg::Tensor p = a.permute(order);
+      const cg::Tensor copy = p.contiguous(), as_float = p.to(cg::DType::Float32);
+      for (std::int64_t i = 0; i < p.size(0); i += 2)
+        for (std::int64_t j = 0; j < p.size(1); j += 3)
+          for (std::int64_t k = 0; k < p.size(2); k += 5)
+            for (std::int64_t l = 0; l < p.size(3); ++l) {
+              ASSERT_EQ(copy.at({i, j, k, l}), p.at({i, j, k, l}));
+              ASSERT_EQ(as_float.at({i, j, k, l}), static_cast<double>(static_cast<float>(p.at({i, j, k, l}))));
+            }
+    }
+    const cg::Tensor big = cg::randn({300, 400});
+    EXPECT_EQ(big.t().contiguous().t().contiguous().to_vector<float>(), big.to_vector<float>());
+  }
+}
