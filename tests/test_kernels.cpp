@@ -416,3 +416,25 @@ TEST(CopyKernel, TransposedCopiesMatchTheElementwiseWalk) {
     EXPECT_EQ(big.t().contiguous().t().contiguous().to_vector<float>(), big.to_vector<float>());
   }
 }
+
+// gelu is one op with a fused backward; its value and gradient must match the composition it
+// replaced, x/2 (1 + erf(x/sqrt 2)), in float64 (the scalar rule) and float32 (the vector kernels).
+TEST(VectorMath, GeluMatchesItsComposition) {
+  const cg::Tensor base = cg::randn({40, 50}, {.dtype = cg::DType::Float64}) * 3.0;
+  for (cg::DType dt : {cg::DType::Float64, cg::DType::Float32}) {
+    cg::Tensor a = base.to(dt).detach().requires_grad_(), b = base.to(dt).detach().requires_grad_();
+    const cg::Tensor g = cg::randn({40, 50}, {.dtype = dt});
+    const cg::Tensor fused = cg::gelu(a), composed = cg::mul(b * 0.5, cg::erf(b * M_SQRT1_2) + 1.0);
+    const double tol = dt == cg::DType::Float32 ? 1e-5 : 1e-12;
+    EXPECT_TRUE(cg::allclose(fused, composed, tol, tol));
+    fused.backward(g);
+    composed.backward(g);
+    EXPECT_TRUE(cg::allclose(a.grad(), b.grad(), tol, tol)) << cg::dtype_name(dt);
+    // an expanded (stride-0) upstream gradient, as from sum()
+    a.zero_grad();
+    cg::gelu(a.t()).sum().backward();
+    b.zero_grad();
+    cg::mul(b.t() * 0.5, cg::erf(b.t() * M_SQRT1_2) + 1.0).sum().backward();
+    EXPECT_TRUE(cg::allclose(a.grad(), b.grad(), tol, tol)) << cg::dtype_name(dt);
+  }
+}

@@ -228,8 +228,46 @@ Tensor elu(const Tensor& x, double alpha) {
   return out;
 }
 
-// gelu(x) = x Phi(x) = x/2 (1 + erf(x/sqrt 2)); a composition, so it needs no rule of its own.
-Tensor gelu(const Tensor& x) { return mul(x * 0.5, erf(x * M_SQRT1_2) + 1.0); }
+// gelu(x) = x Phi(x) = x/2 (1 + erf(x/sqrt 2)); d/dx = Phi(x) + x phi(x), with the normal density
+// phi(x) = e^(-x^2/2) / sqrt(2 pi). One op rather than five (the composition took 2.8x libtorch's
+// time on 1M float32 elements).
+namespace {
+Tensor gelu_backward(const Tensor& g, const Tensor& x) {
+  if (g.dtype() == DType::Float32 && x.dtype() == DType::Float32 && g.shape() == x.shape()) {
+    const Tensor gc = g.is_contiguous() ? g : g.detach().contiguous(), xc = x.is_contiguous() ? x : x.detach().contiguous();
+    Tensor out = empty(x.shape(), DType::Float32);
+    const float *pg = gc.data<float>(), *px = xc.data<float>();
+    float* po = out.data<float>();
+    kernels::parallel_range(x.numel(), [&](std::int64_t lo, std::int64_t hi) {
+      kernels::vgelu_backward(pg + lo, px + lo, po + lo, hi - lo);
+    });
+    return out;
+  }
+  return detail::binary_map(g, x, "gelu_backward", [](auto gv, auto v) {
+    using T = decltype(v);
+    const T cdf = T(0.5) * (T(1) + std::erf(v * static_cast<T>(M_SQRT1_2)));
+    const T pdf = std::exp(T(-0.5) * v * v) * static_cast<T>(0.5 * M_2_SQRTPI * M_SQRT1_2);
+    return gv * (cdf + v * pdf);
+  });
+}
+}  // namespace
+
+Tensor gelu(const Tensor& x) {
+  Tensor out = vector_unary(x, "gelu", kernels::vgelu, [](auto v) {
+    using T = decltype(v);
+    return T(0.5) * v * (T(1) + std::erf(v * static_cast<T>(M_SQRT1_2)));
+  });
+  if (detail::any_requires_grad({x}))
+    record("gelu", {x}, out, [sx = SavedTensor(x, false)](const Tensor& g, const Node& self) {
+      const Tensor xv = sx.unpack(self);
+      if (!GradMode::is_enabled()) return GradList{gelu_backward(g, xv)};  // one fused pass
+      // create_graph: the same derivative from differentiable ops
+      const Tensor cdf = (erf(xv * M_SQRT1_2) + 1.0) * 0.5;
+      const Tensor pdf = exp(square(xv) * -0.5) * (0.5 * M_2_SQRTPI * M_SQRT1_2);
+      return GradList{mul(g, cdf + xv * pdf)};
+    });
+  return out;
+}
 
 // softplus(x) = log(1 + e^x) = max(x, 0) + log1p(e^-|x|); d/dx = sigma(x)
 Tensor softplus(const Tensor& x) {

@@ -146,4 +146,36 @@ void vsoftplus(const float* x, float* y, std::int64_t n) {
   });
 }
 
+namespace {
+constexpr float kSqrtHalf = 0.70710678118654752f;
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;
+constexpr std::int64_t kBlock = 512;  // scratch per block stays in L1
+}  // namespace
+
+void vgelu(const float* x, float* y, std::int64_t n) {
+  alignas(64) float t[kBlock];
+  for (std::int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const std::int64_t m = std::min(kBlock, n - i0);
+    for (std::int64_t j = 0; j < m; ++j) t[j] = x[i0 + j] * kSqrtHalf;
+    verf(t, t, m);
+    for (std::int64_t j = 0; j < m; ++j) y[i0 + j] = 0.5f * x[i0 + j] * (1.0f + t[j]);
+  }
+}
+
+void vgelu_backward(const float* g, const float* x, float* out, std::int64_t n) {
+  alignas(64) float cdf[kBlock], pdf[kBlock];
+  for (std::int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const std::int64_t m = std::min(kBlock, n - i0);
+    const float* xb = x + i0;
+    for (std::int64_t j = 0; j < m; ++j) {
+      cdf[j] = xb[j] * kSqrtHalf;
+      pdf[j] = -0.5f * xb[j] * xb[j];
+    }
+    verf(cdf, cdf, m);
+    vexp(pdf, pdf, m);
+    for (std::int64_t j = 0; j < m; ++j)
+      out[i0 + j] = g[i0 + j] * (0.5f * (1.0f + cdf[j]) + xb[j] * pdf[j] * kInvSqrt2Pi);
+  }
+}
+
 }  // namespace chaingrad::kernels

@@ -17,6 +17,9 @@ void vexpm1(const float* x, float* y, std::int64_t n);
 void vsigmoid(const float* x, float* y, std::int64_t n);
 // log(1 + e^x) = max(x, 0) + log1p(e^-|x|), finite for any x.
 void vsoftplus(const float* x, float* y, std::int64_t n);
+// gelu(x) = x/2 (1 + erf(x/sqrt 2)), and its backward g (Phi(x) + x phi(x)).
+void vgelu(const float* x, float* y, std::int64_t n);
+void vgelu_backward(const float* g, const float* x, float* out, std::int64_t n);
 
 // The implementations by lane width (16, 8 or 1), so tests reach every one; null where this CPU
 // lacks the instructions. The functions above use the widest.
