@@ -419,7 +419,7 @@ TEST(CopyKernel, TransposedCopiesMatchTheElementwiseWalk) {
 
 // gelu is one op with a fused backward; its value and gradient must match the composition it
 // replaced, x/2 (1 + erf(x/sqrt 2)), in float64 (the scalar rule) and float32 (the vector kernels).
-TEST(VectorMath, GeluMatchesItsComposition) {
+TEST(FusedOps, GeluMatchesItsComposition) {
   const cg::Tensor base = cg::randn({40, 50}, {.dtype = cg::DType::Float64}) * 3.0;
   for (cg::DType dt : {cg::DType::Float64, cg::DType::Float32}) {
     cg::Tensor a = base.to(dt).detach().requires_grad_(), b = base.to(dt).detach().requires_grad_();
@@ -436,5 +436,48 @@ TEST(VectorMath, GeluMatchesItsComposition) {
     b.zero_grad();
     cg::mul(b.t() * 0.5, cg::erf(b.t() * M_SQRT1_2) + 1.0).sum().backward();
     EXPECT_TRUE(cg::allclose(a.grad(), b.grad(), tol, tol)) << cg::dtype_name(dt);
+  }
+}
+
+// layer_norm is one op with a fused backward; value and gradients must match the composition it
+// replaced, in both dtypes, with and without the affine parameters, on 1 and 3 threads.
+TEST(FusedOps, LayerNormMatchesItsComposition) {
+  ThreadCount restore;
+  for (int threads : {1, 3})
+    for (cg::DType dt : {cg::DType::Float64, cg::DType::Float32})
+      for (bool affine : {true, false}) {
+        kc::set_num_threads(threads);
+        const cg::Tensor base = cg::randn({300, 7, 40}, {.dtype = cg::DType::Float64}) * 2.0 + 0.5;
+        cg::Tensor a = base.to(dt).detach().requires_grad_(), b = base.to(dt).detach().requires_grad_();
+        cg::Tensor w1 = (cg::randn({7, 40}, {.dtype = dt}) + 1.0).detach().requires_grad_();
+        cg::Tensor w2 = w1.detach().clone().requires_grad_();
+        cg::Tensor b1 = cg::randn({7, 40}, {.dtype = dt}).requires_grad_(), b2 = b1.detach().clone().requires_grad_();
+        const cg::Tensor g = cg::randn({300, 7, 40}, {.dtype = dt});
+        const cg::Tensor fused = cg::layer_norm(a, {7, 40}, affine ? w1 : cg::Tensor(), affine ? b1 : cg::Tensor());
+        const cg::Tensor centered = b - cg::mean(b, {1, 2}, true);
+        cg::Tensor composed = centered * cg::rsqrt(cg::mean(cg::square(centered), {1, 2}, true) + 1e-5);
+        if (affine) composed = composed * w2 + b2;
+        const double tol = dt == cg::DType::Float32 ? 2e-4 : 1e-10;
+        EXPECT_TRUE(cg::allclose(fused, composed, tol, tol));
+        fused.backward(g);
+        composed.backward(g);
+        EXPECT_TRUE(cg::allclose(a.grad(), b.grad(), tol, tol)) << cg::dtype_name(dt) << " affine " << affine;
+        if (affine) {
+          EXPECT_TRUE(cg::allclose(w1.grad(), w2.grad(), tol, tol)) << cg::dtype_name(dt);
+          EXPECT_TRUE(cg::allclose(b1.grad(), b2.grad(), tol, tol)) << cg::dtype_name(dt);
+        }
+      }
+}
+
+TEST(FusedOps, LayerNormRejectsMismatchedShapes) {
+  const cg::Tensor x = cg::randn({4, 6});
+  EXPECT_THROW(cg::layer_norm(x, {5}), cg::ShapeError);
+  EXPECT_THROW(cg::layer_norm(x, {6}, cg::randn({5})), cg::ShapeError);
+  EXPECT_THROW(cg::layer_norm(x, {6}, cg::randn({6}, {.dtype = cg::DType::Float64})), cg::TypeError);
+  try {
+    cg::layer_norm(x, {4, 6, 1});
+    ADD_FAILURE() << "no error";
+  } catch (const cg::ShapeError& e) {
+    EXPECT_NE(std::string(e.what()).find("[4, 6]"), std::string::npos) << e.what();
   }
 }

@@ -254,13 +254,8 @@ Tensor LayerNorm::forward(const Tensor& x) {
   bool ok = x.dim() >= k;
   for (int i = 0; ok && i < k; ++i) ok = x.shape()[x.dim() - k + i] == ns[i];
   CG_CHECK(ok, ShapeError, "LayerNorm: expected input whose trailing dimensions are ", ns, "; got ", x.shape());
-  DimList dims;
-  for (int i = 0; i < k; ++i) dims.push_back(x.dim() - k + i);
-  const Tensor centered = x - mean(x, dims, true);
-  const Tensor var_b = mean(square(centered), dims, true);
-  Tensor y = centered * rsqrt(var_b + options_.eps);
-  if (options_.elementwise_affine) y = y * weight + bias;
-  return y;
+  const bool affine = options_.elementwise_affine;
+  return layer_norm(x, ns, affine ? weight : Tensor(), affine ? bias : Tensor(), options_.eps);
 }
 
 std::string LayerNorm::extra_repr() const {

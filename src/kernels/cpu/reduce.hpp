@@ -11,15 +11,33 @@
 
 namespace chaingrad::kernels {
 
+// Row maximum and double-precision row sum in eight independent lanes, which the compiler turns
+// into vector instructions (one running value would be a chain of dependent adds: 3x slower on
+// 1000-class rows).
+inline float row_max(const float* p, std::int64_t n) {
+  float m[8];
+  std::fill(m, m + 8, -std::numeric_limits<float>::infinity());
+  std::int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) m[k] = std::max(m[k], p[i + k]);
+  for (; i < n; ++i) m[0] = std::max(m[0], p[i]);
+  return *std::max_element(m, m + 8);
+}
+template <class T>
+double row_sum(const T* p, std::int64_t n) {
+  double s[8] = {};
+  std::int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) s[k] += p[i + k];
+  for (; i < n; ++i) s[0] += p[i];
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
 template <class T>
 void sum_axis(const T* x, T* out, std::int64_t outer, std::int64_t R, std::int64_t inner) {
   if (inner == 1) {
-    for (std::int64_t o = 0; o < outer; ++o) {
-      const T* p = x + o * R;
-      double acc = 0;  // double accumulation: a float32 sum of 60,000 terms keeps its digits
-      for (std::int64_t r = 0; r < R; ++r) acc += p[r];
-      out[o] = static_cast<T>(acc);
-    }
+    // double accumulation, so a float32 sum of 60,000 terms keeps its digits, in eight lanes
+    for (std::int64_t o = 0; o < outer; ++o) out[o] = static_cast<T>(row_sum(x + o * R, R));
     return;
   }
   for (std::int64_t o = 0; o < outer; ++o) {
@@ -36,27 +54,6 @@ void sum_axis(const T* x, T* out, std::int64_t outer, std::int64_t R, std::int64
       for (std::int64_t i = 0; i < inner; ++i) dst[i] += row[i];
     }
   }
-}
-
-// Row maximum and double-precision row sum in eight independent lanes, which the compiler turns
-// into vector instructions (one running value would be a chain of dependent adds: 3x slower on
-// 1000-class rows).
-inline float row_max(const float* p, std::int64_t n) {
-  float m[8];
-  std::fill(m, m + 8, -std::numeric_limits<float>::infinity());
-  std::int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; ++k) m[k] = std::max(m[k], p[i + k]);
-  for (; i < n; ++i) m[0] = std::max(m[0], p[i]);
-  return *std::max_element(m, m + 8);
-}
-inline double row_sum(const float* p, std::int64_t n) {
-  double s[8] = {};
-  std::int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; ++k) s[k] += p[i + k];
-  for (; i < n; ++i) s[0] += p[i];
-  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
 // Softmax over contiguous float32 rows (the class axis of a classifier). Rows go in blocks, so the
