@@ -247,6 +247,40 @@ std::vector<Case> cases() {
                  torch::NoGradGuard ng;
                  for (auto _ : s) benchmark::DoNotOptimize(ln->forward(a));
                }});
+  c.push_back({"batch_norm_train_64x32x28x28", Bound::Memory, 8.0 * 64 * 32 * 28 * 28,
+               [](benchmark::State& s) {
+                 cg::nn::BatchNorm2d bn(32);
+                 const cg::Tensor a = cg::randn({64, 32, 28, 28});
+                 cg::NoGradGuard ng;
+                 for (auto _ : s) benchmark::DoNotOptimize(bn.forward(a));
+               },
+               [](benchmark::State& s) {
+                 torch::nn::BatchNorm2d bn(32);
+                 const torch::Tensor a = torch::randn({64, 32, 28, 28});
+                 torch::NoGradGuard ng;
+                 for (auto _ : s) benchmark::DoNotOptimize(bn->forward(a));
+               }});
+  // One Adam step over the MLP's 235k parameters (gradients fixed).
+  c.push_back({"adam_step_mlp_params", Bound::Memory, 4.0 * 7 * (784 * 256 + 256 + 256 * 256 + 256 + 2560 + 10),
+               [](benchmark::State& s) {
+                 std::vector<cg::Tensor> ps;
+                 for (const cg::Dims& d : {cg::Dims{256, 784}, cg::Dims{256}, cg::Dims{256, 256}, cg::Dims{256},
+                                           cg::Dims{10, 256}, cg::Dims{10}}) {
+                   ps.push_back(cg::randn(d).requires_grad_());
+                   ps.back().set_grad(cg::randn(d));
+                 }
+                 cg::optim::Adam opt(ps);
+                 for (auto _ : s) opt.step();
+               },
+               [](benchmark::State& s) {
+                 std::vector<torch::Tensor> ps;
+                 for (const auto& d : std::vector<std::vector<std::int64_t>>{{256, 784}, {256}, {256, 256}, {256}, {10, 256}, {10}}) {
+                   ps.push_back(torch::randn(d).requires_grad_());
+                   ps.back().mutable_grad() = torch::randn(d);
+                 }
+                 torch::optim::Adam opt(ps);
+                 for (auto _ : s) opt.step();
+               }});
   c.push_back({"max_pool2d_64x32x28x28", Bound::Memory, 4.0 * 64 * 32 * 28 * 28 * 1.25,
                [](benchmark::State& s) {
                  const cg::Tensor a = cg::randn({64, 32, 28, 28});

@@ -84,6 +84,9 @@ std::vector<OpCase> build() {
   add_case({"layer_norm", {{2, 3, 4}, {3, 4}}, [](V x) { return layer_norm(x[0], {3, 4}, x[1]); }, -2, 2, {}, true,
             "two normalized dims, no bias"});
   add_case({"layer_norm", {{4, 6}}, [](V x) { return layer_norm(x[0], {6}); }, -2, 2, {}, true, "no affine"});
+  add_case({"batch_norm", {{4, 3, 2, 2}, {3}, {3}}, [](V x) { return batch_norm(x[0], x[1], x[2], 1e-5); }});
+  add_case({"batch_norm", {{5, 2}}, [](V x) { return batch_norm(x[0], {}, {}, 1e-5); }, -2, 2, {}, true,
+            "[N, C], no affine"});
 
   // ---- views and shape
   add_case({"reshape", {{2, 6}}, [](V x) { return reshape(x[0], {3, -1}); }});

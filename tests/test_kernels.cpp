@@ -481,3 +481,33 @@ TEST(FusedOps, LayerNormRejectsMismatchedShapes) {
     EXPECT_NE(std::string(e.what()).find("[4, 6]"), std::string::npos) << e.what();
   }
 }
+
+// batch_norm (training statistics) against the composition BatchNorm used before, both dtypes.
+TEST(FusedOps, BatchNormMatchesItsComposition) {
+  ThreadCount restore;
+  for (int threads : {1, 3})
+    for (cg::DType dt : {cg::DType::Float64, cg::DType::Float32}) {
+      kc::set_num_threads(threads);
+      const cg::Tensor base = cg::randn({16, 12, 9, 11}, {.dtype = cg::DType::Float64}) * 1.5 + 0.3;
+      cg::Tensor a = base.to(dt).detach().requires_grad_(), b = base.to(dt).detach().requires_grad_();
+      cg::Tensor w1 = (cg::randn({12}, {.dtype = dt}) + 1.0).detach().requires_grad_(), w2 = w1.detach().clone().requires_grad_();
+      cg::Tensor b1 = cg::randn({12}, {.dtype = dt}).requires_grad_(), b2 = b1.detach().clone().requires_grad_();
+      const cg::Tensor g = cg::randn({16, 12, 9, 11}, {.dtype = dt});
+      cg::Tensor mean, var;
+      const cg::Tensor fused = cg::batch_norm(a, w1, b1, 1e-5, &mean, &var);
+      const cg::Tensor centered = b - cg::mean(b, {0, 2, 3}, true);
+      const cg::Tensor var_b = cg::mean(cg::square(centered), {0, 2, 3}, true);
+      const cg::Tensor composed = centered * cg::rsqrt(var_b + 1e-5) * w2.reshape({1, 12, 1, 1}) + b2.reshape({1, 12, 1, 1});
+      const double tol = dt == cg::DType::Float32 ? 2e-4 : 1e-10;
+      EXPECT_TRUE(cg::allclose(fused, composed, tol, tol));
+      EXPECT_TRUE(cg::allclose(var, var_b.reshape({12}), tol, tol));
+      EXPECT_TRUE(cg::allclose(mean, cg::mean(b, {0, 2, 3}), tol, tol));
+      fused.backward(g);
+      composed.backward(g);
+      EXPECT_TRUE(cg::allclose(a.grad(), b.grad(), tol, tol)) << cg::dtype_name(dt);
+      EXPECT_TRUE(cg::allclose(w1.grad(), w2.grad(), tol, tol)) << cg::dtype_name(dt);
+      EXPECT_TRUE(cg::allclose(b1.grad(), b2.grad(), tol, tol)) << cg::dtype_name(dt);
+    }
+  EXPECT_THROW(cg::batch_norm(cg::randn({1, 3}), {}, {}, 1e-5), cg::ValueError);
+  EXPECT_THROW(cg::batch_norm(cg::randn({4, 3}), cg::randn({4}), {}, 1e-5), cg::ShapeError);
+}

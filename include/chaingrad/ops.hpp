@@ -78,6 +78,11 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = {});
 // variance); weight and bias, of normalized_shape, are optional. One fused op with its own backward.
 Tensor layer_norm(const Tensor& x, const Dims& normalized_shape, const Tensor& weight = {}, const Tensor& bias = {},
                   double eps = 1e-5);
+// Normalizes each channel (dim 1) of x [N, C, ...] with the batch's statistics (biased variance),
+// then * weight[C] + bias[C] (both optional). The batch mean and biased variance, [C], are stored
+// in *batch_mean and *batch_var when given (for running statistics). One fused op.
+Tensor batch_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps, Tensor* batch_mean = nullptr,
+                  Tensor* batch_var = nullptr);
 
 // ---- views and shape ----
 Tensor reshape(const Tensor& x, const Dims& shape);  // one -1 allowed; a view when strides allow

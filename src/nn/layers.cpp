@@ -187,16 +187,12 @@ Tensor BatchNorm::forward(const Tensor& x) {
 
   Tensor y;
   if (use_batch_stats) {
-    DimList dims{0};
-    for (int d = 2; d < x.dim(); ++d) dims.push_back(d);
     const std::int64_t n = x.numel() / C;
     CG_CHECK(n > 1, ValueError, type_name(), ": training needs more than one value per channel; got input of shape ",
              x.shape());
-    // y = (x - mean) / sqrt(var_biased + eps)
-    const Tensor mu = mean(x, dims, true);
-    const Tensor centered = x - mu;
-    const Tensor var_b = mean(square(centered), dims, true);
-    y = centered * rsqrt(var_b + options_.eps);
+    // y = (x - mean) / sqrt(var_biased + eps) * weight + bias
+    Tensor mu, var_b;
+    y = batch_norm(x, options_.affine ? weight : Tensor(), options_.affine ? bias : Tensor(), options_.eps, &mu, &var_b);
     if (training_ && options_.track_running_stats) {
       // running = (1 - m) * running + m * batch, with the unbiased variance (as PyTorch).
       NoGradGuard no_grad;
@@ -218,7 +214,6 @@ Tensor BatchNorm::forward(const Tensor& x) {
       num_batches_tracked.data<std::int64_t>()[0] += 1;
       num_batches_tracked.bump_version();
     }
-    if (options_.affine) y = y * weight.reshape(cshape) + bias.reshape(cshape);
     return y;
   }
   // Eval: y = x * scale + shift, scale = weight / sqrt(running_var + eps), shift = bias - running_mean * scale.
