@@ -7,21 +7,21 @@
 
 // libmvec's vector variants, by their x86-64 vector function ABI names ('e': AVX-512, 16 lanes;
 // 'd': AVX2, 8 lanes). The width is picked at run time, so a build without -march=native still
-// gets them.
-#pragma GCC push_options
-#pragma GCC target("avx512f")
+// gets them. Target attributes (not pragmas) so that clang, which the fuzzers use, builds it too.
+#define CG_AVX512 __attribute__((target("avx512f")))
+#define CG_AVX2 __attribute__((target("avx2,fma")))
 extern "C" {
-__m512 _ZGVeN16v_expf(__m512);
-__m512 _ZGVeN16v_logf(__m512);
-__m512 _ZGVeN16v_tanhf(__m512);
-__m512 _ZGVeN16v_erff(__m512);
-__m512 _ZGVeN16v_log1pf(__m512);
-__m512 _ZGVeN16v_expm1f(__m512);
+CG_AVX512 __m512 _ZGVeN16v_expf(__m512);
+CG_AVX512 __m512 _ZGVeN16v_logf(__m512);
+CG_AVX512 __m512 _ZGVeN16v_tanhf(__m512);
+CG_AVX512 __m512 _ZGVeN16v_erff(__m512);
+CG_AVX512 __m512 _ZGVeN16v_log1pf(__m512);
+CG_AVX512 __m512 _ZGVeN16v_expm1f(__m512);
 }
 namespace chaingrad::kernels {
 namespace {
 template <__m512 (*F)(__m512)>
-void map16(const float* x, float* y, std::int64_t n) {
+CG_AVX512 void map16(const float* x, float* y, std::int64_t n) {
   std::int64_t i = 0;
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, F(_mm512_loadu_ps(x + i)));
   if (i < n) {
@@ -31,22 +31,19 @@ void map16(const float* x, float* y, std::int64_t n) {
 }
 }  // namespace
 }  // namespace chaingrad::kernels
-#pragma GCC pop_options
 
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
 extern "C" {
-__m256 _ZGVdN8v_expf(__m256);
-__m256 _ZGVdN8v_logf(__m256);
-__m256 _ZGVdN8v_tanhf(__m256);
-__m256 _ZGVdN8v_erff(__m256);
-__m256 _ZGVdN8v_log1pf(__m256);
-__m256 _ZGVdN8v_expm1f(__m256);
+CG_AVX2 __m256 _ZGVdN8v_expf(__m256);
+CG_AVX2 __m256 _ZGVdN8v_logf(__m256);
+CG_AVX2 __m256 _ZGVdN8v_tanhf(__m256);
+CG_AVX2 __m256 _ZGVdN8v_erff(__m256);
+CG_AVX2 __m256 _ZGVdN8v_log1pf(__m256);
+CG_AVX2 __m256 _ZGVdN8v_expm1f(__m256);
 }
 namespace chaingrad::kernels {
 namespace {
 template <__m256 (*F)(__m256)>
-void map8(const float* x, float* y, std::int64_t n) {
+CG_AVX2 void map8(const float* x, float* y, std::int64_t n) {
   std::int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, F(_mm256_loadu_ps(x + i)));
   if (i < n) {  // the tail goes through the same lanes, padded
@@ -58,7 +55,8 @@ void map8(const float* x, float* y, std::int64_t n) {
 }
 }  // namespace
 }  // namespace chaingrad::kernels
-#pragma GCC pop_options
+#undef CG_AVX512
+#undef CG_AVX2
 
 namespace chaingrad::kernels {
 namespace {
