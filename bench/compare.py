@@ -84,6 +84,9 @@ def parse_args():
     ap.add_argument("--python", default=PY, help="interpreter for the PyTorch peers")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per run")
     ap.add_argument("--json-out", default=None, help="write raw samples here")
+    ap.add_argument("--wait-idle", type=float, default=0, metavar="PCT",
+                    help="on a shared machine: start each configuration's runs of a round only after "
+                         "the CPUs were at least PCT%% idle for one second (0: off)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 1 round, batch 64 only")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     a = ap.parse_args()
@@ -252,6 +255,26 @@ def tail(s, n=1500):
     return s if len(s) <= n else "..." + s[-n:]
 
 
+def idle_fraction(seconds=1.0):
+    """Share of CPU time spent idle (or waiting for I/O) over `seconds`, from /proc/stat."""
+    def snap():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v)
+    i0, t0 = snap()
+    time.sleep(seconds)
+    i1, t1 = snap()
+    return (i1 - i0) / max(t1 - t0, 1)
+
+
+def wait_idle(pct, max_wait=1800):
+    """Blocks until the CPUs were at least pct% idle for one second; returns the seconds waited."""
+    start = time.monotonic()
+    while idle_fraction() * 100 < pct and time.monotonic() - start < max_wait:
+        pass
+    return time.monotonic() - start
+
+
 def full_cmd(cmd, env_v):
     return (UNSET_PREFIX + cmd) if env_v == "unset" else list(cmd)
 
@@ -410,6 +433,8 @@ def report(a, configs, cg_samples, peer_samples, notes, cores, failures):
           f"epochs per run: {a.epochs}. Time: median [min–max] of the rounds; "
           f"ratio = peer / chaingrad (>1: chaingrad faster). Round r runs seed {a.seed} + r - 1 on "
           f"both sides; acc = mean ± standard error over the rounds. RSS = child's ru_maxrss, MiB.")
+    if a.wait_idle > 0:
+        print(f"Each configuration's runs of a round started after the CPUs were ≥ {a.wait_idle:g}% idle for 1 s.")
     print()
     hdr = ("| workload | opt | batch | threads cg/peer | env | peer | chaingrad | peer "
            "| ratio | acc cg | acc peer | RSS cg | RSS peer |")
@@ -504,6 +529,10 @@ def main():
         for i, c in enumerate(configs):
             pk = (c["env"], tuple(c["peer_cmd"]))
             order = ["chaingrad", "peer"] if r % 2 == 1 else ["peer", "chaingrad"]
+            if a.wait_idle > 0:
+                waited = wait_idle(a.wait_idle)
+                if waited > 1.5:
+                    print(f"    (waited {waited:.0f} s for {a.wait_idle:g}% idle CPUs)", file=sys.stderr, flush=True)
             for side in order:
                 if side == "chaingrad" and c["cg_key"] in done_cg:
                     continue
