@@ -31,11 +31,6 @@
 namespace cg = chaingrad;
 namespace fs = std::filesystem;
 
-// From src/kernels/cpu/gemm.hpp (a library-internal header, not on the CLI's include path).
-namespace chaingrad::kernels {
-void warm_up_gemm();
-}
-
 namespace {
 
 constexpr const char* kDefaultModel = "linear(256) relu linear(256) relu linear(10)";
@@ -218,10 +213,9 @@ void run_train(const TrainOptions& o_in) {
 
   cg::data::Dataset train, test;
   {
-    // oneDNN compiles its sgemm kernels the first time they run (about 30 ms, gemm.hpp): that
-    // happens on another thread while the data set loads (zlib, one thread), not inside the first
-    // training step.
-    std::jthread gemm_warm_up([] { cg::kernels::warm_up_gemm(); });
+    // The kernels' code generation (about 30 ms, cg::warm_up) happens on another thread while the
+    // data set loads (zlib, one thread), not inside the first training step.
+    std::jthread warm_up([] { cg::warm_up(); });
     load_data(o, train, test);
   }
   cli::CheckpointInfo info;

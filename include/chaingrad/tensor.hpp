@@ -195,5 +195,9 @@ Tensor randperm(std::int64_t n, Generator* gen = nullptr);  // int64
 // Number of threads used by kernels and the BLAS.
 void set_num_threads(int n);
 int get_num_threads();
+// Generates the kernels' machine code ahead of use: oneDNN compiles its matrix-product kernels the
+// first time each kind runs (about 30 ms), which would otherwise land in the first training step.
+// Any thread may call it, while other work runs; calls after the first return at once.
+void warm_up();
 
 }  // namespace chaingrad
