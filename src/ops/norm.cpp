@@ -98,8 +98,9 @@ void layer_norm_backward(const T* g, const T* x, const T* w, const T* mean, cons
   });
 }
 
-// weight and bias, when given, must have `shape` and the input's dtype.
-void check_affine(const char* op, const Tensor& x, const Tensor& weight, const Tensor& bias, const Dims& shape) {
+// weight and bias, when given, must have `shape` and the input's dtype; eps must be usable.
+void check_operands(const char* op, const Tensor& x, const Tensor& weight, const Tensor& bias, const Dims& shape,
+                    double eps) {
   for (const Tensor* p : {&weight, &bias}) {
     if (!p->defined()) continue;
     const char* which = p == &weight ? "weight" : "bias";
@@ -107,6 +108,27 @@ void check_affine(const char* op, const Tensor& x, const Tensor& weight, const T
              " for an input of shape ", x.shape());
     CG_CHECK(p->dtype() == x.dtype(), TypeError, op, ": ", which, " is ", p->dtype(), " but the input is ", x.dtype());
   }
+  CG_CHECK(eps >= 0 && std::isfinite(eps), ValueError, op, ": eps must be finite and non-negative; got ", eps);
+}
+
+// The kernels read plain contiguous arrays; an optional operand is a null pointer.
+Tensor packed(const Tensor& t) { return !t.defined() || t.is_contiguous() ? t : t.detach().contiguous(); }
+template <class T>
+T* data_or_null(const Tensor& t) {
+  return t.defined() ? t.data<T>() : nullptr;
+}
+
+// create_graph: dx from differentiable ops, the statistics recomputed from x so that the rule can
+// be differentiated again; also xhat, for the weight's gradient. `w` broadcasts against x.
+struct ComposedGrad {
+  Tensor dx, xhat;
+};
+ComposedGrad composed_backward(const Tensor& g, const Tensor& x, const Tensor& w, const DimList& dims, double eps) {
+  const Tensor centered = x - mean(x, dims, true);
+  const Tensor rstd = rsqrt(mean(square(centered), dims, true) + eps);
+  const Tensor xhat = centered * rstd;
+  const Tensor gy = w.defined() ? g * w : g;
+  return {rstd * (gy - mean(gy, dims, true) - xhat * mean(gy * xhat, dims, true)), xhat};
 }
 
 }  // namespace
@@ -119,16 +141,13 @@ Tensor layer_norm(const Tensor& x, const Dims& normalized_shape, const Tensor& w
   for (int i = 0; ok && i < k; ++i) ok = x.shape()[x.dim() - k + i] == normalized_shape[i];
   CG_CHECK(ok, ShapeError, "layer_norm: expected an input whose trailing dimensions are ", normalized_shape, "; got ",
            x.shape());
-  check_affine("layer_norm", x, weight, bias, normalized_shape);
-  CG_CHECK(eps >= 0 && std::isfinite(eps), ValueError, "layer_norm: eps must be finite and non-negative; got ", eps);
+  check_operands("layer_norm", x, weight, bias, normalized_shape, eps);
   const std::int64_t n = normalized_shape.numel(), rows = n ? x.numel() / n : 0;
-  const Tensor xc = x.is_contiguous() ? x : x.detach().contiguous();
-  const Tensor wc = weight.defined() ? weight.detach().contiguous() : Tensor();
-  const Tensor bc = bias.defined() ? bias.detach().contiguous() : Tensor();
+  const Tensor xc = packed(x), wc = packed(weight), bc = packed(bias);
   Tensor out = empty(x.shape(), x.dtype());
   Tensor mean = empty({rows}, x.dtype()), rstd = empty({rows}, x.dtype());
   dispatch_float(x.dtype(), "layer_norm", [&]<class T>() {
-    layer_norm_forward<T>(xc.data<T>(), wc.defined() ? wc.data<T>() : nullptr, bc.defined() ? bc.data<T>() : nullptr,
+    layer_norm_forward<T>(xc.data<T>(), data_or_null<T>(wc), data_or_null<T>(bc),
                           out.data<T>(), mean.data<T>(), rstd.data<T>(), rows, n, eps);
   });
   if (!detail::any_requires_grad({x, weight, bias})) return out;
@@ -139,24 +158,18 @@ Tensor layer_norm(const Tensor& x, const Dims& normalized_shape, const Tensor& w
              const Tensor& g, const Node& self) {
            const Tensor xv = sx.unpack(self), wv = sw.unpack(self);
            if (GradMode::is_enabled()) {
-             // create_graph: the same rule from differentiable ops, the statistics recomputed from x
-             const Tensor centered = xv - chaingrad::mean(xv, dims, true);
-             const Tensor rstd = rsqrt(chaingrad::mean(square(centered), dims, true) + eps);
-             const Tensor xhat = centered * rstd;
-             const Tensor gy = wv.defined() ? g * wv : g;
-             const Tensor dx = rstd * (gy - chaingrad::mean(gy, dims, true) - xhat * chaingrad::mean(gy * xhat, dims, true));
-             return GradList{self.needs_grad(0) ? dx : Tensor(), self.needs_grad(1) ? g * xhat : Tensor(),
+             auto [dx, xhat] = composed_backward(g, xv, wv, dims, eps);
+             return GradList{self.needs_grad(0) ? std::move(dx) : Tensor(), self.needs_grad(1) ? g * xhat : Tensor(),
                              self.needs_grad(2) ? g : Tensor()};
            }
-           const Tensor gc = g.is_contiguous() ? g : g.contiguous(), xc2 = xv.is_contiguous() ? xv : xv.contiguous();
-           const Tensor wc2 = wv.defined() ? wv.contiguous() : Tensor();
+           const Tensor gc = packed(g), xc2 = packed(xv), wc2 = packed(wv);
            Tensor dx = self.needs_grad(0) ? empty(xv.shape(), xv.dtype()) : Tensor();
            Tensor dw = self.needs_grad(1) ? empty(wv.shape(), wv.dtype()) : Tensor();
            Tensor db = self.needs_grad(2) ? empty(self.input_meta()[2].shape, xv.dtype()) : Tensor();
            dispatch_float(xv.dtype(), "layer_norm_backward", [&]<class T>() {
-             layer_norm_backward<T>(gc.data<T>(), xc2.data<T>(), wc2.defined() ? wc2.data<T>() : nullptr,
-                                    mean.data<T>(), rstd.data<T>(), dx.defined() ? dx.data<T>() : nullptr,
-                                    dw.defined() ? dw.data<T>() : nullptr, db.defined() ? db.data<T>() : nullptr,
+             layer_norm_backward<T>(gc.data<T>(), xc2.data<T>(), data_or_null<T>(wc2),
+                                    mean.data<T>(), rstd.data<T>(), data_or_null<T>(dx),
+                                    data_or_null<T>(dw), data_or_null<T>(db),
                                     rows, n);
            });
            return GradList{std::move(dx), std::move(dw), std::move(db)};
@@ -237,17 +250,16 @@ Tensor batch_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, dou
                   Tensor* batch_var) {
   CG_CHECK(x.defined() && x.dim() >= 2, ShapeError, "batch_norm: expected an input of shape [N, C, ...]; got ",
            x.defined() ? to_string(x.shape()) : std::string("an undefined tensor"));
-  const std::int64_t N = x.shape()[0], C = x.shape()[1], S = C ? x.numel() / (N * C == 0 ? 1 : N * C) : 0;
+  const std::int64_t N = x.shape()[0], C = x.shape()[1];
+  std::int64_t S = 1;  // values per sample and channel
+  for (int d = 2; d < x.dim(); ++d) S *= x.shape()[d];
   CG_CHECK(N * S > 1, ValueError, "batch_norm: needs more than one value per channel; got input of shape ", x.shape());
-  check_affine("batch_norm", x, weight, bias, Dims{C});
-  CG_CHECK(eps >= 0 && std::isfinite(eps), ValueError, "batch_norm: eps must be finite and non-negative; got ", eps);
-  const Tensor xc = x.is_contiguous() ? x : x.detach().contiguous();
-  const Tensor wc = weight.defined() ? weight.detach().contiguous() : Tensor();
-  const Tensor bc = bias.defined() ? bias.detach().contiguous() : Tensor();
+  check_operands("batch_norm", x, weight, bias, Dims{C}, eps);
+  const Tensor xc = packed(x), wc = packed(weight), bc = packed(bias);
   Tensor out = empty(x.shape(), x.dtype());
   Tensor mean = empty({C}, x.dtype()), var = empty({C}, x.dtype());
   dispatch_float(x.dtype(), "batch_norm", [&]<class T>() {
-    batch_norm_forward<T>(xc.data<T>(), wc.defined() ? wc.data<T>() : nullptr, bc.defined() ? bc.data<T>() : nullptr,
+    batch_norm_forward<T>(xc.data<T>(), data_or_null<T>(wc), data_or_null<T>(bc),
                           out.data<T>(), mean.data<T>(), var.data<T>(), N, C, S, eps);
   });
   if (batch_mean) *batch_mean = mean;
@@ -262,25 +274,19 @@ Tensor batch_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, dou
              const Tensor& g, const Node& self) {
            const Tensor xv = sx.unpack(self), wv = sw.unpack(self);
            if (GradMode::is_enabled()) {
-             // create_graph: the same rule from differentiable ops, the statistics recomputed from x
-             const Tensor centered = xv - chaingrad::mean(xv, dims, true);
-             const Tensor rstd = rsqrt(chaingrad::mean(square(centered), dims, true) + eps);
-             const Tensor xhat = centered * rstd;
-             const Tensor gy = wv.defined() ? g * reshape(wv, cshape) : g;
-             const Tensor dx = rstd * (gy - chaingrad::mean(gy, dims, true) - xhat * chaingrad::mean(gy * xhat, dims, true));
-             return GradList{self.needs_grad(0) ? dx : Tensor(),
+             auto [dx, xhat] = composed_backward(g, xv, wv.defined() ? reshape(wv, cshape) : Tensor(), dims, eps);
+             return GradList{self.needs_grad(0) ? std::move(dx) : Tensor(),
                              self.needs_grad(1) ? reshape(sum(g * xhat, dims, false), {C}) : Tensor(),
                              self.needs_grad(2) ? reshape(sum(g, dims, false), {C}) : Tensor()};
            }
-           const Tensor gc = g.is_contiguous() ? g : g.contiguous(), xc2 = xv.is_contiguous() ? xv : xv.contiguous();
-           const Tensor wc2 = wv.defined() ? wv.contiguous() : Tensor();
+           const Tensor gc = packed(g), xc2 = packed(xv), wc2 = packed(wv);
            Tensor dx = self.needs_grad(0) ? empty(xv.shape(), xv.dtype()) : Tensor();
            Tensor dw = self.needs_grad(1) ? empty({C}, xv.dtype()) : Tensor();
            Tensor db = self.needs_grad(2) ? empty({C}, xv.dtype()) : Tensor();
            dispatch_float(xv.dtype(), "batch_norm_backward", [&]<class T>() {
-             batch_norm_backward<T>(gc.data<T>(), xc2.data<T>(), wc2.defined() ? wc2.data<T>() : nullptr,
-                                    mean.data<T>(), var.data<T>(), eps, dx.defined() ? dx.data<T>() : nullptr,
-                                    dw.defined() ? dw.data<T>() : nullptr, db.defined() ? db.data<T>() : nullptr, N, C,
+             batch_norm_backward<T>(gc.data<T>(), xc2.data<T>(), data_or_null<T>(wc2),
+                                    mean.data<T>(), var.data<T>(), eps, data_or_null<T>(dx),
+                                    data_or_null<T>(dw), data_or_null<T>(db), N, C,
                                     S);
            });
            return GradList{std::move(dx), std::move(dw), std::move(db)};
