@@ -253,7 +253,8 @@ Tensor batch_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, dou
   const std::int64_t N = x.shape()[0], C = x.shape()[1];
   std::int64_t S = 1;  // values per sample and channel
   for (int d = 2; d < x.dim(); ++d) S *= x.shape()[d];
-  CG_CHECK(N * S > 1, ValueError, "batch_norm: needs more than one value per channel; got input of shape ", x.shape());
+  CG_CHECK(C > 0 && N * S > 1, ValueError, "batch_norm: needs more than one value per channel; got input of shape ",
+           x.shape());
   check_operands("batch_norm", x, weight, bias, Dims{C}, eps);
   const Tensor xc = packed(x), wc = packed(weight), bc = packed(bias);
   Tensor out = empty(x.shape(), x.dtype());
