@@ -82,7 +82,7 @@ void Tensor::register_hook(GradHook hook) const {
   if (impl_->grad_fn)
     impl_->grad_fn->pre_hooks().push_back(std::move(hook));
   else
-    impl_->hooks.push_back(std::move(hook));
+    impl_->extra().hooks.push_back(std::move(hook));
 }
 
 void Tensor::retain_grad() const {
@@ -102,6 +102,11 @@ void Tensor::retain_grad() const {
     }
     return Tensor();
   });
+}
+
+const std::string& TensorImpl::name() const {
+  static const std::string unnamed;
+  return extras ? extras->name : unnamed;
 }
 
 Tensor Tensor::detach() const {

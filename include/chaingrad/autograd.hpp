@@ -8,10 +8,13 @@
 // topological order using dependency counts, sums gradients at fan-out, reduces broadcast
 // gradients to each input's shape, and stores leaf gradients in `.grad`.
 //
-// Note [saved tensors]: a node must not own its inputs' grad_fn strongly through saved tensors
-// (that would duplicate the edges and, for a saved output, make a cycle). SavedTensor therefore
-// keeps the data plus a weak reference to the grad_fn, and re-attaches it on unpack so that
-// create_graph can differentiate through saved values.
+// Note [saved tensors]: a saved input is kept as it is, grad_fn included: that grad_fn is one of
+// the node's own edges already, so this adds no ownership. A saved output must not keep its
+// grad_fn (the node itself: a cycle), so SavedTensor keeps a detached alias of it and re-attaches
+// the node on unpack under create_graph, so that gradients can flow through saved values.
+// unpack() hands out a reference, so reading a saved value costs no reference count; a re-attached
+// output lives until the node's backward returns (detail::RunningNode drops it), which keeps the
+// node from owning itself through it.
 //
 // Note [version counter]: SavedTensor remembers the storage version at save time; unpacking a
 // tensor that was modified in place since then is an error that names the op.
@@ -28,22 +31,30 @@
 namespace chaingrad {
 
 using GradList = SmallVector<Tensor, 3>;
+namespace detail {
+class RunningNode;
+}
 
 class SavedTensor {
  public:
   SavedTensor() = default;
   SavedTensor(const Tensor& t, bool is_output);
-  // `owner` is the node that saved it (needed to re-attach a saved output to its own node).
-  Tensor unpack(const Node& owner) const;
+  // `owner` is the node that saved it (needed to re-attach a saved output to its own node). The
+  // reference is valid while the owner's backward runs (and, outside backward, until the next
+  // unpack or reset).
+  const Tensor& unpack(const Node& owner) const;
   bool defined() const { return data_.defined(); }
-  void reset() { data_ = Tensor(); }
+  void reset() {
+    data_ = Tensor();
+    reattached_ = Tensor();
+  }
 
  private:
+  friend class detail::RunningNode;
   Tensor data_;
-  std::weak_ptr<Node> grad_fn_;
+  mutable Tensor reattached_;  // an output given back its grad_fn under create_graph
   std::uint32_t version_ = 0;
-  bool is_output_ = false;
-  bool reattach_ = false;  // data_ is a detached alias; restore requires_grad/grad_fn on unpack
+  bool reattach_ = false;  // data_ is a detached output; re-attach its node on unpack under create_graph
 };
 
 struct InputMeta {
@@ -69,13 +80,17 @@ void record_node(std::shared_ptr<Node> node, std::span<const TensorRef> inputs, 
 class RunningNode {
  public:
   explicit RunningNode(const std::shared_ptr<Node>& node);
-  ~RunningNode();
+  ~RunningNode();  // drops the outputs re-attached during the node's backward
   RunningNode(const RunningNode&) = delete;
   RunningNode& operator=(const RunningNode&) = delete;
-  static const std::shared_ptr<Node>* current();
+  static RunningNode* current();
+  const std::shared_ptr<Node>& owner() const { return owner_; }
+  void keep_until_done(const SavedTensor& saved) { reattached_.push_back(&saved); }
 
  private:
-  const std::shared_ptr<Node>* previous_;
+  const std::shared_ptr<Node>& owner_;
+  RunningNode* previous_;
+  SmallVector<const SavedTensor*, 2> reattached_;
 };
 }  // namespace detail
 
@@ -114,18 +129,20 @@ class Node {
  protected:
   friend class Engine;
   friend void detail::record_node(std::shared_ptr<Node>, std::span<const detail::TensorRef>, Tensor&);
+  // What the engine touches on every node comes first, in the node's first cache lines; the
+  // input metadata (80 bytes an input) and the rarely used hooks and label come after.
   Edges next_edges_;
-  InputMetas input_meta_;
-  InputMeta output_meta_{};
-  std::vector<GradHook> pre_hooks_;
-  std::string label_;
   std::uint64_t sequence_nr_;
-  bool released_ = false;
   // Engine scratch space (one backward runs at a time on a given graph).
   std::int64_t dependencies_ = 0;
   Tensor input_buffer_;
   bool needed_ = false;
   bool visited_ = false;
+  bool released_ = false;
+  InputMetas input_meta_;
+  InputMeta output_meta_{};
+  std::vector<GradHook> pre_hooks_;
+  std::string label_;
 };
 
 // Node for a leaf that requires grad: adds the incoming gradient into the leaf's `.grad`.

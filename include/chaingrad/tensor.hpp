@@ -21,6 +21,9 @@ using GradHook = std::function<Tensor(const Tensor&)>;
 // The state behind a Tensor handle. Views share `storage`; autograd state lives inline so a
 // tensor costs one allocation.
 struct TensorImpl {
+  // User-provided, so that make_shared's value-initialization does not zero the whole object
+  // before the member initializers run (a `rep stos` that was a tenth of the scalar workload).
+  TensorImpl() noexcept {}  // NOLINT(modernize-use-equals-default): `= default` would zero it
   std::shared_ptr<Storage> storage;
   Dims shape;
   Dims strides;
@@ -35,8 +38,18 @@ struct TensorImpl {
   // Leaves: the node that adds into .grad, made on first use and kept (it refers to the leaf only
   // weakly, so this is no cycle), so recording an op on a parameter creates no node for it.
   std::shared_ptr<Node> grad_accumulator;
-  std::vector<GradHook> hooks;            // leaves only; non-leaf hooks live on grad_fn
-  std::string name;                       // optional label, shown by the explainer and in errors
+
+  // Seldom set, so kept out of line: making and freeing a tensor then skips them.
+  struct Extras {
+    std::vector<GradHook> hooks;  // leaves only; non-leaf hooks live on grad_fn
+    std::string name;             // optional label, shown by the explainer and in errors
+  };
+  std::unique_ptr<Extras> extras;
+  Extras& extra() {
+    if (!extras) extras = std::make_unique<Extras>();
+    return *extras;
+  }
+  const std::string& name() const;  // "" when unnamed
 };
 
 class Tensor {
@@ -96,9 +109,9 @@ class Tensor {
   void retain_grad() const;
   // Same data, cut from the graph.
   Tensor detach() const;
-  const std::string& name() const { return impl_->name; }
+  const std::string& name() const { return impl_->name(); }
   Tensor& set_name(std::string n) {
-    impl_->name = std::move(n);
+    impl_->extra().name = std::move(n);
     return *this;
   }
 

@@ -18,13 +18,20 @@ class Engine {
     std::vector<Tensor> results;
   };
 
+  // A ready node, with its sequence number at hand so the heap's comparisons read no node.
+  struct Ready {
+    std::uint64_t sequence_nr;
+    // The edge (or root) that owns the node: a node's backward may need a strong reference to
+    // itself (a saved output re-attached under create_graph), and nodes keep none.
+    const std::shared_ptr<Node>* owner;
+    friend bool operator<(const Ready& a, const Ready& b) { return a.sequence_nr < b.sequence_nr; }
+  };
+
   // Work lists reused across calls so a backward allocates nothing once warm; one set per
   // nesting level, since a hook may itself call backward.
   struct Scratch {
     std::vector<Node*> nodes, stack, seeded;
-    // Ready nodes, as the edge (or root) that owns each: a node's backward may need a strong
-    // reference to itself (a saved output re-attached under create_graph), and nodes keep none.
-    std::vector<const std::shared_ptr<Node>*> heap;
+    std::vector<Ready> heap;  // a max-heap on sequence_nr: the most recent op runs first
   };
   static Scratch& acquire_scratch(int depth) {
     static thread_local std::vector<std::unique_ptr<Scratch>> pool;
@@ -46,16 +53,15 @@ class Engine {
       explicit DepthGuard(int& x) : d(x) { ++d; }
       ~DepthGuard() { --d; }
     } depth_guard(depth);
-    std::vector<Node*>& nodes = scratch.nodes;  // every node reached, for scratch reset
-    struct Reset {
+    // Each node's scratch is reset as it runs, and every node reached runs; this puts back the
+    // scratch of the nodes a failed backward (a throwing hook or rule) did not reach.
+    std::vector<Node*>& nodes = scratch.nodes;
+    struct ResetOnError {
       std::vector<Node*>& nodes;
-      ~Reset() {
-        for (Node* n : nodes) {
-          n->dependencies_ = 0;
-          n->input_buffer_ = Tensor();
-          n->needed_ = false;
-          n->visited_ = false;
-        }
+      bool done = false;
+      ~ResetOnError() {
+        if (done) return;
+        for (Node* n : nodes) reset_scratch(*n);
       }
     } reset{nodes};
 
@@ -83,25 +89,19 @@ class Engine {
     }
 
     // 2. For grad(): run only nodes that lead to a requested input; backward() runs everything.
-    if (capture) {
-      mark_needed(nodes, capture->targets);
-    } else {
-      for (Node* n : nodes) n->needed_ = true;
-    }
+    if (capture) mark_needed(nodes, capture->targets);
 
     // 3. Seed the roots' buffers; among nodes of equal readiness the most recent op runs first.
-    using Owner = const std::shared_ptr<Node>*;
-    auto by_sequence = [](Owner a, Owner b) { return (*a)->sequence_nr_ < (*b)->sequence_nr_; };
-    std::vector<Owner>& ready = scratch.heap;  // a max-heap on sequence_nr
-    auto push_ready = [&](Owner n) {
-      ready.push_back(n);
-      std::push_heap(ready.begin(), ready.end(), by_sequence);
+    std::vector<Ready>& ready = scratch.heap;
+    auto push_ready = [&](const std::shared_ptr<Node>& n) {
+      ready.push_back({n->sequence_nr_, &n});
+      std::push_heap(ready.begin(), ready.end());
     };
     for (std::size_t i = 0; i < roots.size(); ++i) accumulate(*roots[i], Tensor(root_grads[i]), opt);
     std::vector<Node*>& seeded = scratch.seeded;
     for (const auto& r : roots) {
       if (r->dependencies_ == 0 && std::find(seeded.begin(), seeded.end(), r.get()) == seeded.end()) {
-        push_ready(&r);
+        push_ready(r);
         seeded.push_back(r.get());
       }
     }
@@ -109,8 +109,8 @@ class Engine {
     EnableGradGuard grad_mode(opt.create_graph);
     const bool anomaly = AnomalyMode::is_enabled();
     while (!ready.empty()) {
-      std::pop_heap(ready.begin(), ready.end(), by_sequence);
-      const std::shared_ptr<Node>& owner = *ready.back();
+      std::pop_heap(ready.begin(), ready.end());
+      const std::shared_ptr<Node>& owner = *ready.back().owner;
       ready.pop_back();
       Node* node = owner.get();
       Tensor grad = std::move(node->input_buffer_);  // (leaves the buffer empty)
@@ -123,12 +123,14 @@ class Engine {
         }
       }
 
-      const bool run_node = grad.defined() && node->needed_ && !(capture && node->is_accumulate_grad());
+      const bool needed = capture ? node->needed_ && !node->is_accumulate_grad() : true;
       // Initialized in place from apply()'s result (no default construction and move).
-      GradList grads = run_node ? run_one(owner, grad, opt) : GradList();
+      GradList grads = grad.defined() && needed ? run_one(owner, grad, opt) : GradList();
 
-      for (std::size_t i = 0; i < node->next_edges_.size(); ++i) {
-        Node* next = node->next_edges_[i].get();
+      const std::size_t num_edges = node->next_edges_.size();
+      for (std::size_t i = 0; i < num_edges; ++i) {
+        const std::shared_ptr<Node>& edge = node->next_edges_[i];
+        Node* next = edge.get();
         if (!next) continue;
         if (i < grads.size() && grads[i].defined()) {
           Tensor& g = grads[i];
@@ -139,12 +141,22 @@ class Engine {
           }
           accumulate(*next, std::move(g), opt);
         }
-        if (--next->dependencies_ == 0) push_ready(&node->next_edges_[i]);
+        if (--next->dependencies_ == 0) push_ready(edge);
       }
+      node->needed_ = false;
+      node->visited_ = false;
     }
+    reset.done = true;
   }
 
  private:
+  static void reset_scratch(Node& n) {
+    n.dependencies_ = 0;
+    n.input_buffer_ = Tensor();
+    n.needed_ = false;
+    n.visited_ = false;
+  }
+
   // Runs the node's hooks and backward on its summed upstream gradient; frees its saved values.
   static GradList run_one(const std::shared_ptr<Node>& owner, Tensor& grad, const autograd::BackwardOptions& opt) {
     Node& node = *owner;

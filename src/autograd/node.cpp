@@ -78,47 +78,47 @@ Node::~Node() {
 
 // ---------------------------------------------------------------- RunningNode
 namespace {
-thread_local const std::shared_ptr<Node>* running_node = nullptr;
+thread_local detail::RunningNode* running_node = nullptr;
 }
-detail::RunningNode::RunningNode(const std::shared_ptr<Node>& node) : previous_(running_node) { running_node = &node; }
-detail::RunningNode::~RunningNode() { running_node = previous_; }
-const std::shared_ptr<Node>* detail::RunningNode::current() { return running_node; }
+detail::RunningNode::RunningNode(const std::shared_ptr<Node>& node) : owner_(node), previous_(running_node) {
+  running_node = this;
+}
+detail::RunningNode::~RunningNode() {
+  running_node = previous_;
+  for (const SavedTensor* s : reattached_) s->reattached_ = Tensor();
+}
+detail::RunningNode* detail::RunningNode::current() { return running_node; }
 
 // ---------------------------------------------------------------- SavedTensor
-SavedTensor::SavedTensor(const Tensor& t, bool is_output) : is_output_(is_output) {
+SavedTensor::SavedTensor(const Tensor& t, bool is_output) {
   if (!t.defined()) return;
   version_ = t.version();
-  if (is_output || (t.requires_grad() && !t.is_leaf())) {
+  if (is_output) {  // (ops save their output before recording it, so it does not require grad yet)
     data_ = t.detach();
     reattach_ = true;
-    if (!is_output) grad_fn_ = t.grad_fn();
   } else {
-    data_ = t;  // leaves and constants own no nodes, so a strong reference makes no cycle
+    data_ = t;
   }
 }
 
-Tensor SavedTensor::unpack(const Node& owner) const {
+const Tensor& SavedTensor::unpack(const Node& owner) const {
   if (!data_.defined()) return data_;
   CG_CHECK(data_.version() == version_, AutogradError, owner.name(),
            ": a tensor it saved for backward (shape ", data_.shape(), ") was modified by an in-place operation "
            "after the forward pass (its version is ", data_.version(), ", expected ", version_,
            "); clone it before modifying it, or modify it before using it");
   if (!reattach_ || !GradMode::is_enabled()) return data_;
-  // create_graph: give the value back its place in the graph so gradients can flow through it.
-  std::shared_ptr<Node> fn;
-  if (is_output_) {
-    const std::shared_ptr<Node>* running = detail::RunningNode::current();
-    CG_CHECK(running && running->get() == &owner, InternalError, owner.name(),
-             ": a saved output was unpacked outside its node's backward");
-    fn = *running;
-  } else {
-    fn = grad_fn_.lock();
+  // create_graph: give the output back its place in the graph so gradients can flow through it.
+  detail::RunningNode* running = detail::RunningNode::current();
+  CG_CHECK(running && running->owner().get() == &owner, InternalError, owner.name(),
+           ": a saved output was unpacked outside its node's backward");
+  if (!reattached_.defined()) {
+    reattached_ = data_.detach();
+    reattached_.impl()->grad_fn = running->owner();
+    reattached_.impl()->requires_grad = true;
+    running->keep_until_done(*this);
   }
-  if (!fn) return data_;
-  Tensor t = data_.detach();
-  t.impl()->grad_fn = std::move(fn);
-  t.impl()->requires_grad = true;
-  return t;
+  return reattached_;
 }
 
 // ---------------------------------------------------------------- AccumulateGrad
@@ -131,17 +131,18 @@ GradList AccumulateGrad::apply(Tensor&& grad_output) {
   std::shared_ptr<TensorImpl> leaf = leaf_.lock();
   if (!leaf) return {};
   Tensor grad = std::move(grad_output);
-  for (auto& hook : leaf->hooks) {
-    Tensor r = hook(grad);
-    if (r.defined()) grad = r;
+  if (leaf->extras) {
+    for (auto& hook : leaf->extras->hooks) {
+      Tensor r = hook(grad);
+      if (r.defined()) grad = r;
+    }
   }
   if (!leaf->grad_impl) {
     if (GradMode::is_enabled()) {
       leaf->grad_impl = std::move(grad).take_impl();  // create_graph: .grad keeps its own graph
     } else if (grad.storage().use_count() == 1 && grad.is_contiguous() && grad.impl_ptr().use_count() == 1) {
       // Nobody else sees this buffer: take it (the handle itself when it is outside any graph).
-      const bool plain = !grad.requires_grad() && !grad.grad_fn() && grad.offset() == 0 &&
-                         grad.impl()->hooks.empty() && grad.name().empty();
+      const bool plain = !grad.requires_grad() && !grad.grad_fn() && grad.offset() == 0 && !grad.impl()->extras;
       leaf->grad_impl = plain ? std::move(grad).take_impl() : grad.detach().take_impl();
     } else {
       leaf->grad_impl = grad.clone().take_impl();  // grad mode is off: clone records nothing
@@ -191,7 +192,7 @@ void record_node(std::shared_ptr<Node> node, std::span<const TensorRef> inputs, 
     node->input_meta_.push_back(t.defined() ? InputMeta{t.shape(), t.dtype()} : InputMeta{{}, DType::Float64});
   }
   node->output_meta_ = {output.shape(), output.dtype()};
-  if (!output.name().empty()) node->label_ = output.name();
+  if (output.impl()->extras && !output.name().empty()) node->label_ = output.name();
   Node& recorded = *node;
   output.impl()->grad_fn = std::move(node);
   output.impl()->requires_grad = true;
