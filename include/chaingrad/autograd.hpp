@@ -53,6 +53,7 @@ class SavedTensor {
   friend class detail::RunningNode;
   Tensor data_;
   mutable Tensor reattached_;  // an output given back its grad_fn under create_graph
+  mutable const SavedTensor* next_reattached_ = nullptr;
   std::uint32_t version_ = 0;
   bool reattach_ = false;  // data_ is a detached output; re-attach its node on unpack under create_graph
 };
@@ -85,12 +86,12 @@ class RunningNode {
   RunningNode& operator=(const RunningNode&) = delete;
   static RunningNode* current();
   const std::shared_ptr<Node>& owner() const { return owner_; }
-  void keep_until_done(const SavedTensor& saved) { reattached_.push_back(&saved); }
+  void keep_until_done(const SavedTensor& saved);
 
  private:
   const std::shared_ptr<Node>& owner_;
   RunningNode* previous_;
-  SmallVector<const SavedTensor*, 2> reattached_;
+  const SavedTensor* reattached_ = nullptr;  // a list through SavedTensor::next_reattached_
 };
 }  // namespace detail
 

@@ -95,7 +95,7 @@ class Engine {
     std::vector<Ready>& ready = scratch.heap;
     auto push_ready = [&](const std::shared_ptr<Node>& n) {
       ready.push_back({n->sequence_nr_, &n});
-      std::push_heap(ready.begin(), ready.end());
+      if (ready.size() > 1) std::push_heap(ready.begin(), ready.end());  // (a chain keeps one)
     };
     for (std::size_t i = 0; i < roots.size(); ++i) accumulate(*roots[i], Tensor(root_grads[i]), opt);
     std::vector<Node*>& seeded = scratch.seeded;
@@ -109,7 +109,7 @@ class Engine {
     EnableGradGuard grad_mode(opt.create_graph);
     const bool anomaly = AnomalyMode::is_enabled();
     while (!ready.empty()) {
-      std::pop_heap(ready.begin(), ready.end());
+      if (ready.size() > 1) std::pop_heap(ready.begin(), ready.end());
       const std::shared_ptr<Node>& owner = *ready.back().owner;
       ready.pop_back();
       Node* node = owner.get();

@@ -85,7 +85,15 @@ detail::RunningNode::RunningNode(const std::shared_ptr<Node>& node) : owner_(nod
 }
 detail::RunningNode::~RunningNode() {
   running_node = previous_;
-  for (const SavedTensor* s : reattached_) s->reattached_ = Tensor();
+  while (const SavedTensor* s = reattached_) {
+    reattached_ = s->next_reattached_;
+    s->next_reattached_ = nullptr;
+    s->reattached_ = Tensor();
+  }
+}
+void detail::RunningNode::keep_until_done(const SavedTensor& saved) {
+  saved.next_reattached_ = reattached_;
+  reattached_ = &saved;
 }
 detail::RunningNode* detail::RunningNode::current() { return running_node; }
 
