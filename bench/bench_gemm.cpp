@@ -1,5 +1,7 @@
-// The matrix products of the MLP step, on chaingrad's path (oneDNN sgemm split across the pool)
-// and on OpenBLAS with its own threads (what PyTorch calls), next to the machine's fp32 FMA peak
+// The matrix products of the MLP step, on chaingrad's path (kernels::gemm<float>: its own AVX-512
+// kernel where it is faster, sgemm_avx512.cpp), on the kernel itself (Own), on the oneDNN path it
+// replaced (oneDNN sgemm split across the pool), and on OpenBLAS with its own threads (what PyTorch
+// calls), next to the machine's fp32 FMA peak
 // measured in the same run. Counters: GFLOP/s, and peak% = GFLOP/s over the peak for as many
 // threads as the products use (CHAINGRAD_NUM_THREADS / --threads; all cores by default).
 #include <benchmark/benchmark.h>
@@ -8,12 +10,14 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <string>
 #include <vector>
 
 #include "chaingrad/chaingrad.hpp"
 #include "peaks.hpp"
 #include "kernels/cpu/gemm.hpp"
 #include "kernels/cpu/parallel.hpp"
+#include "kernels/cpu/sgemm_avx512.hpp"
 
 namespace cg = chaingrad;
 namespace kc = chaingrad::kernels;
@@ -72,18 +76,54 @@ void BM_FmaPeak(benchmark::State& state) {
 }
 BENCHMARK(BM_FmaPeak)->Iterations(1);
 
-void BM_MlpGemmsChaingrad(benchmark::State& state) {
-  const auto ps = mlp_products(state.range(0));
+using FloatGemm = void (*)(bool, bool, std::int64_t, std::int64_t, std::int64_t, float, const float*, std::int64_t,
+                          const float*, std::int64_t, float, float*, std::int64_t);
+
+void chaingrad_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,
+                    std::int64_t lda, const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
+  kc::gemm<float>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+void run_products(benchmark::State& state, const std::vector<Product>& ps, FloatGemm f) {
   Operands o(ps);
   run_and_report(state, o.flops, [&] {
     for (std::size_t i = 0; i < ps.size(); ++i) {
       const Product& p = ps[i];
-      kc::gemm<float>(p.ta, p.tb, p.m, p.n, p.k, 1.f, o.a[i].data(), p.ta ? p.m : p.k, o.b[i].data(),
-                      p.tb ? p.k : p.n, 0.f, o.c[i].data(), p.n);
+      f(p.ta, p.tb, p.m, p.n, p.k, 1.f, o.a[i].data(), p.ta ? p.m : p.k, o.b[i].data(), p.tb ? p.k : p.n, 0.f,
+        o.c[i].data(), p.n);
     }
   });
 }
+
+void BM_MlpGemmsChaingrad(benchmark::State& state) { run_products(state, mlp_products(state.range(0)), chaingrad_gemm); }
 BENCHMARK(BM_MlpGemmsChaingrad)->Arg(64)->Arg(256)->Arg(1024)->UseRealTime()->MinTime(0.5);
+
+// The oneDNN path that gemm<float> took before the own kernel (and still takes without AVX-512).
+void BM_MlpGemmsOneDnn(benchmark::State& state) { run_products(state, mlp_products(state.range(0)), kc::gemm_onednn); }
+BENCHMARK(BM_MlpGemmsOneDnn)->Arg(64)->Arg(256)->Arg(1024)->UseRealTime()->MinTime(0.5);
+
+// The own AVX-512 kernel on every product, whatever gemm<float> picks.
+void BM_MlpGemmsOwn(benchmark::State& state) {
+  if (!kc::sgemm_avx512_available()) return state.SkipWithError("no AVX-512F on this CPU");
+  run_products(state, mlp_products(state.range(0)), kc::sgemm_avx512);
+}
+BENCHMARK(BM_MlpGemmsOwn)->Arg(64)->Arg(256)->Arg(1024)->UseRealTime()->MinTime(0.5);
+
+// One product of the MLP step at a time: range(0) = batch, range(1) = index in mlp_products,
+// range(2) = 0 for the own kernel, 1 for oneDNN.
+void BM_MlpProduct(benchmark::State& state) {
+  const auto all = mlp_products(state.range(0));
+  const Product p = all[static_cast<std::size_t>(state.range(1))];
+  const bool own = state.range(2) == 0;
+  if (own && !kc::sgemm_avx512_available()) return state.SkipWithError("no AVX-512F on this CPU");
+  state.SetLabel(std::string(p.ta ? "T" : "N") + (p.tb ? "T" : "N") + " " + std::to_string(p.m) + "x" +
+                 std::to_string(p.n) + "x" + std::to_string(p.k) + (own ? " own" : " onednn"));
+  run_products(state, {p}, own ? kc::sgemm_avx512 : kc::gemm_onednn);
+}
+BENCHMARK(BM_MlpProduct)
+    ->ArgsProduct({{64, 256, 1024}, {0, 1, 2, 3, 4, 5, 6, 7}, {0, 1}})
+    ->UseRealTime()
+    ->MinTime(0.2);
 
 void BM_MlpGemmsOpenBlas(benchmark::State& state) {
   const auto ps = mlp_products(state.range(0));

@@ -5,11 +5,15 @@
 #include <dnnl.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <mutex>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "chaingrad/error.hpp"
 #include "kernels/cpu/parallel.hpp"
+#include "kernels/cpu/sgemm_avx512.hpp"
 
 // float32 products go to oneDNN's sgemm: its JIT kernels use AVX-512 where the CPU has it, whatever
 // OPENBLAS_CORETYPE says, and on this project's MLP products they run 1.2-1.6x faster than
@@ -131,11 +135,34 @@ void scale_only(std::int64_t m, std::int64_t n, T beta, T* c, std::int64_t ldc) 
   }
 }
 
+// Where gemm<float> runs chaingrad's own AVX-512 kernel instead of oneDNN. Products with a side
+// shorter than 32 (the MLP's 10-logit layer: 1024x10x256, 10x256x1024, 1024x256x10) stay on oneDNN:
+// there the own kernel spends most of its time packing the long operand, which it then uses for
+// only a few rows, and measured 15-40% of the FMA peak against oneDNN's 35-55% (bench_gemm,
+// BM_MlpProduct). CHAINGRAD_SGEMM=onednn sends every product to oneDNN, for comparisons.
+bool use_own_sgemm(std::int64_t m, std::int64_t n, std::int64_t k) {
+  static const bool own = [] {
+    const char* e = std::getenv("CHAINGRAD_SGEMM");
+    return sgemm_avx512_available() && !(e && std::string(e) == "onednn");
+  }();
+  return own && std::min({m, n, k}) >= 32;
+}
+
 }  // namespace
 
 template <class T>
 void gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* a, std::int64_t lda,
           const T* b, std::int64_t ldb, T beta, T* c, std::int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) return scale_only(m, n, beta, c, ldc);
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_own_sgemm(m, n, k)) return sgemm_avx512(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+  split_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+void gemm_onednn(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,
+                 std::int64_t lda, const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
   if (m == 0 || n == 0) return;
   if (k == 0) return scale_only(m, n, beta, c, ldc);
   split_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);

@@ -1,6 +1,7 @@
 #pragma once
-// C = alpha op(A) op(B) + beta C, row-major, BLAS semantics. float32 runs on oneDNN's sgemm and
-// float64 on OpenBLAS, split across chaingrad's thread pool (gemm.cpp says why).
+// C = alpha op(A) op(B) + beta C, row-major, BLAS semantics. float32 runs on chaingrad's own AVX-512
+// kernel (sgemm_avx512.hpp) where the CPU has AVX-512F and on oneDNN's sgemm otherwise; float64 on
+// OpenBLAS; both library paths split across chaingrad's thread pool (gemm.cpp says why and when).
 #include <cstdint>
 
 namespace chaingrad::kernels {
@@ -8,6 +9,11 @@ namespace chaingrad::kernels {
 template <class T>
 void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* a,
           std::int64_t lda, const T* b, std::int64_t ldb, T beta, T* c, std::int64_t ldc);
+
+// The oneDNN path of gemm<float> whatever the CPU: for benchmarks that compare it with the own kernel.
+void gemm_onednn(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+                 const float* a, std::int64_t lda, const float* b, std::int64_t ldb, float beta, float* c,
+                 std::int64_t ldc);
 
 // oneDNN generates the machine code of its sgemm kernels the first time each kind of product runs:
 // about 30 ms on this project's machine, most of it for the first A^T B product. This runs one

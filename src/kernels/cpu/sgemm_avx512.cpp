@@ -1,0 +1,499 @@
+#include "kernels/cpu/sgemm_avx512.hpp"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <new>
+#include <utility>
+#include <vector>
+
+#include "kernels/cpu/parallel.hpp"
+
+// Design (BLIS's, with the roles of rows and columns as a row-major C wants them):
+//  - op(A) is packed into micro-panels of kMR rows: for each k, kMR consecutive floats. op(B) into
+//    micro-panels of kNR columns: for each k, kNR consecutive floats. Panels at the edges are
+//    padded with zeros, so the micro-kernel always runs over full panels; only the stores to C are
+//    cut (row count as a template argument, column count as store masks).
+//  - The micro-kernel keeps a kMR x kNR tile of C in kMR * kNR / 16 zmm accumulators, and per k
+//    loads kNR / 16 vectors of B and broadcasts kMR floats of A into FMAs (one per accumulator).
+//  - k is cut into blocks of at most kMaxKC; each block adds into C (the first one applies beta).
+//    The cut depends on k only, so every element of C is summed in the same order whatever the
+//    thread count: results do not depend on it.
+//  - Two threads: C is cut into row blocks (m >= n) or column blocks. The operand both blocks
+//    need (B for row blocks, A for column blocks) is packed once, by all threads, before the
+//    products; each thread packs its own part of the other operand just before using it.
+// Every function that runs AVX-512 instructions carries target("avx512f"), so the file also builds
+// without -march=native (and under clang, which ignores #pragma GCC target); gemm.cpp calls in only
+// after sgemm_avx512_available().
+
+namespace chaingrad::kernels {
+namespace {
+
+#define CG_AVX512 __attribute__((target("avx512f")))
+
+#ifndef SG_MR
+#define SG_MR 14
+#define SG_NV 2
+#endif
+#ifndef SG_UNROLL
+#define SG_UNROLL 1
+#endif
+constexpr int kMR = SG_MR;           // rows of the micro-tile (broadcasts of A)
+constexpr int kAS = 16;              // floats per k in a packed A micro-panel: one aligned line
+constexpr int kNV = SG_NV;            // zmm vectors per row of the micro-tile
+constexpr int kUnroll = SG_UNROLL;
+constexpr int kNR = 16 * kNV;     // columns of the micro-tile (vectors of B)
+// TUNING (temporary): env overrides.
+inline std::int64_t env_or(const char* name, std::int64_t def) {
+  const char* e = std::getenv(name);
+  return e ? std::atoll(e) : def;
+}
+const std::int64_t kMaxKC = env_or("SG_KC", 256);  // k per block: a B micro-panel (kc x kNR) stays in L1
+const std::int64_t kMC = env_or("SG_MC", 8) * kMR;  // rows of A packed at a time (stays in L2)
+const std::int64_t kNC = env_or("SG_NC", 8) * kNR;  // columns of B packed at a time, when each thread packs its own
+const bool kNoPrefetchNext = env_or("SG_NOPF", 0) != 0;
+const bool kDirectA = env_or("SG_DIRECT", 1) != 0;
+
+// Below this many flops a product runs on the calling thread: waking a worker costs about what
+// half of such a product does (the same threshold as the oneDNN path).
+constexpr double kMinParallelFlops = 1 << 20;
+
+// A growable, 64-byte aligned scratch buffer; one per thread and role, kept for the next product.
+class Scratch {
+ public:
+  Scratch() = default;
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  ~Scratch() { std::free(data_); }
+  float* get(std::size_t floats) {
+    if (floats > capacity_) {
+      std::free(data_);
+      data_ = nullptr;
+      capacity_ = 0;
+      const std::size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
+      data_ = static_cast<float*>(std::aligned_alloc(64, bytes));
+      if (!data_) throw std::bad_alloc();
+      capacity_ = bytes / sizeof(float);
+    }
+    return data_;
+  }
+
+ private:
+  float* data_ = nullptr;
+  std::size_t capacity_ = 0;
+};
+
+const std::int64_t kPrefetchFloats = env_or("SG_PF", 128);
+const std::int64_t kPrefetchRows = env_or("SG_PFR", 8);
+
+inline __mmask16 lanes(std::int64_t count) {
+  return count <= 0 ? __mmask16{0} : count >= 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << count) - 1);
+}
+
+// out[p * S + l] = src[p * lds + l] for l < L, 0 for L <= l < S; p < kb. S is a multiple of 16.
+template <int S>
+CG_AVX512 void pack_contiguous(const float* src, std::int64_t lds, int L, std::int64_t kb, float* out) {
+  constexpr int V = S / 16;
+  __mmask16 in[V];
+  for (int v = 0; v < V; ++v) in[v] = lanes(L - 16 * v);
+  for (std::int64_t p = 0; p < kb; ++p) {
+    const float* s = src + p * lds;
+    if (p + kPrefetchRows < kb)
+      for (int v = 0; v < V; ++v) _mm_prefetch(reinterpret_cast<const char*>(s + kPrefetchRows * lds + 16 * v), _MM_HINT_T0);
+    float* o = out + p * S;
+    for (int v = 0; v < V; ++v) _mm512_store_ps(o + 16 * v, _mm512_maskz_loadu_ps(in[v], s + 16 * v));
+  }
+}
+
+// GCC 12's shuffle intrinsics start from _mm512_undefined_ps(), which -Wmaybe-uninitialized
+// reports at every use (a false positive: every lane is written).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+// r[j] lane i = r[i] lane j before the call.
+CG_AVX512 __attribute__((always_inline)) inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  __m512 u[16];
+  for (int i = 0; i < 4; ++i) {
+    const __m512d t0 = _mm512_castps_pd(t[4 * i]), t1 = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d t2 = _mm512_castps_pd(t[4 * i + 2]), t3 = _mm512_castps_pd(t[4 * i + 3]);
+    u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+  }
+  // u[4g + j], 128-bit lane L, holds rows 4g..4g+3 of column 4L + j: transpose the 128-bit lanes.
+  for (int j = 0; j < 4; ++j) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x88), v1 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xdd);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x88);
+    const __m512 v3 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xdd);
+    r[j] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+    r[4 + j] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+    r[8 + j] = _mm512_shuffle_f32x4(v0, v2, 0xdd);
+    r[12 + j] = _mm512_shuffle_f32x4(v1, v3, 0xdd);
+  }
+}
+
+// out[p * S + l] = src[l * lds + p] for l < L, 0 for L <= l < S; p < kb. S is a multiple of 16;
+// 16 x 16 tiles are transposed in registers.
+template <int S>
+CG_AVX512 void pack_transposed(const float* src, std::int64_t lds, int L, std::int64_t kb, float* out) {
+  for (int l0 = 0; l0 < S; l0 += 16) {
+    const int rows = std::clamp(L - l0, 0, 16);
+    for (std::int64_t p0 = 0; p0 < kb; p0 += 16) {
+      const int pc = static_cast<int>(std::min<std::int64_t>(16, kb - p0));
+      const __mmask16 pm = lanes(pc);
+      __m512 r[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) {
+        // The source rows are read once, mostly from L3: ask for the lines 8 tiles ahead.
+        if (i < rows) _mm_prefetch(reinterpret_cast<const char*>(src + (l0 + i) * lds + p0 + kPrefetchFloats), _MM_HINT_T0);
+        r[i] = i < rows ? _mm512_maskz_loadu_ps(pm, src + (l0 + i) * lds + p0) : _mm512_setzero_ps();
+      }
+      transpose16(r);
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j)
+        if (j < pc) _mm512_store_ps(out + (p0 + j) * S + l0, r[j]);
+    }
+  }
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+// C[0:R, 0:kNR] (columns cut by the masks) = alpha * sum_p ap[p][r] * bp[p][:] + (first ? beta C : C).
+// Direct: A is read where it lies, row r of the tile at ap + r * a_ld, consecutive k consecutive
+// (op(A) = A, row-major); otherwise ap is a packed micro-panel (kAS floats per k) and a_ld unused.
+template <int R, bool Direct>
+CG_AVX512 void micro_kernel(std::int64_t kb, const float* ap, std::int64_t a_ld, const float* bp, float* c,
+                            std::int64_t ldc, const __mmask16* mask, float alpha, float beta, bool first) {
+  __m512 acc[R][kNV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < kNV; ++v) acc[r][v] = _mm512_setzero_ps();
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
+#pragma GCC unroll kUnroll
+  for (std::int64_t p = 0; p < kb; ++p) {
+    __m512 b[kNV];
+#pragma GCC unroll 4
+    for (int v = 0; v < kNV; ++v) b[v] = _mm512_load_ps(bp + 16 * v);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(Direct ? ap[r * a_ld] : ap[r]);
+#pragma GCC unroll 4
+      for (int v = 0; v < kNV; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+    }
+    ap += Direct ? 1 : kAS;
+    bp += kNR;
+  }
+  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    float* cr = c + r * ldc;
+#pragma GCC unroll 4
+    for (int v = 0; v < kNV; ++v) {
+      __m512 y;
+      if (!first)
+        y = _mm512_fmadd_ps(va, acc[r][v], _mm512_maskz_loadu_ps(mask[v], cr + 16 * v));
+      else if (beta == 0.f)
+        y = _mm512_mul_ps(va, acc[r][v]);
+      else
+        y = _mm512_fmadd_ps(va, acc[r][v], _mm512_mul_ps(vb, _mm512_maskz_loadu_ps(mask[v], cr + 16 * v)));
+      _mm512_mask_storeu_ps(cr + 16 * v, mask[v], y);
+    }
+  }
+}
+
+using MicroKernel = void (*)(std::int64_t, const float*, std::int64_t, const float*, float*, std::int64_t,
+                             const __mmask16*, float, float, bool);
+
+template <bool Direct, int... R>
+constexpr std::array<MicroKernel, sizeof...(R)> kernel_table(std::integer_sequence<int, R...>) {
+  return {&micro_kernel<R + 1, Direct>...};
+}
+// kKernels[direct][r - 1] computes r rows.
+constexpr std::array<MicroKernel, kMR> kKernels[2] = {kernel_table<false>(std::make_integer_sequence<int, kMR>{}),
+                                                      kernel_table<true>(std::make_integer_sequence<int, kMR>{})};
+
+struct Problem {
+  bool ta, tb;
+  std::int64_t m, n, k;
+  float alpha;
+  const float* a;
+  std::int64_t lda;
+  const float* b;
+  std::int64_t ldb;
+  float beta;
+  float* c;
+  std::int64_t ldc;
+  // True when this computes the transpose of the caller's product (narrow C, see sgemm_avx512):
+  // element (i, j) of this problem's C is then c[j * ldc + i].
+  bool c_transposed;
+  // op(A) = A (row-major, k contiguous): the micro-kernel reads A where it lies instead of a
+  // packed copy, which would cost a transposition of all of A.
+  bool direct_a;
+  // k blocks: block q covers [q * kc, min(k, (q + 1) * kc)).
+  std::int64_t kc, k_blocks;
+  // Micro-panels of op(A) (kMR rows each) and op(B) (kNR columns each).
+  std::int64_t a_panels, b_panels;
+};
+
+// Panel ip of op(A), rows [ip * kMR, ...), k range [p0, p0 + kb), into out (kb * kAS floats).
+void pack_a(const Problem& P, std::int64_t ip, std::int64_t p0, std::int64_t kb, float* out) {
+  const std::int64_t i0 = ip * kMR;
+  const int rows = static_cast<int>(std::min<std::int64_t>(kMR, P.m - i0));
+  if (P.ta)
+    pack_contiguous<kAS>(P.a + p0 * P.lda + i0, P.lda, rows, kb, out);
+  else
+    pack_transposed<kAS>(P.a + i0 * P.lda + p0, P.lda, rows, kb, out);
+}
+
+// Panel jp of op(B), columns [jp * kNR, ...), k range [p0, p0 + kb), into out (kb * kNR floats).
+void pack_b(const Problem& P, std::int64_t jp, std::int64_t p0, std::int64_t kb, float* out) {
+  const std::int64_t j0 = jp * kNR;
+  const int cols = static_cast<int>(std::min<std::int64_t>(kNR, P.n - j0));
+  if (P.tb)
+    pack_transposed<kNR>(P.b + j0 * P.ldb + p0, P.ldb, cols, kb, out);
+  else
+    pack_contiguous<kNR>(P.b + p0 * P.ldb + j0, P.ldb, cols, kb, out);
+}
+
+// The tile of C at micro-panels (ip, jp), for k block q, from packed panels.
+// ap: the packed A micro-panel, or with direct_a the tile's first row of A where it lies.
+void tile(const Problem& P, std::int64_t ip, std::int64_t jp, std::int64_t q, std::int64_t kb, const float* ap,
+          const float* bp) {
+  const std::int64_t i0 = ip * kMR, j0 = jp * kNR;
+  const int rows = static_cast<int>(std::min<std::int64_t>(kMR, P.m - i0));
+  const std::int64_t cols = std::min<std::int64_t>(kNR, P.n - j0);
+  const auto kernel = kKernels[P.direct_a][static_cast<std::size_t>(rows - 1)];
+  const std::int64_t a_ld = P.lda;
+  if (!P.c_transposed) {
+    __mmask16 mask[kNV];
+    for (int v = 0; v < kNV; ++v) mask[v] = lanes(cols - 16 * v);
+    kernel(kb, ap, a_ld, bp, P.c + i0 * P.ldc + j0, P.ldc, mask, P.alpha, P.beta, q == 0);
+    return;
+  }
+  // The sums go to a scratch tile, then into the caller's C across its rows (few of them: this
+  // mode is for a C with at most a vector's worth of columns).
+  alignas(64) float t[kMR * kNR];
+  __mmask16 all[kNV];
+  for (int v = 0; v < kNV; ++v) all[v] = 0xFFFF;
+  kernel(kb, ap, a_ld, bp, t, kNR, all, 1.f, 0.f, true);
+  for (int r = 0; r < rows; ++r)
+    for (std::int64_t j = 0; j < cols; ++j) {
+      float& x = P.c[(j0 + j) * P.ldc + i0 + r];
+      const float sum = t[r * kNR + j];
+      if (q != 0)
+        x = std::fma(P.alpha, sum, x);
+      else if (P.beta == 0.f)
+        x = P.alpha * sum;
+      else
+        x = std::fma(P.alpha, sum, P.beta * x);
+    }
+}
+
+std::int64_t block_begin(const Problem& P, std::int64_t q) { return q * P.kc; }
+std::int64_t block_size(const Problem& P, std::int64_t q) { return std::min(P.kc, P.k - q * P.kc); }
+
+inline void cpu_pause() { __builtin_ia32_pause(); }
+
+// The operand that every thread needs (all of op(B) when C is cut into row blocks, all of op(A)
+// when into column blocks), packed once per product by whichever thread needs a panel first: k
+// block q, panel j at q * kc * panels * width + j * kb * width. state[q * panels + j] is 0 (not
+// packed), 1 (a thread is packing it) or 2 (ready). No thread waits for anything but a panel that
+// another thread is packing at that moment, so the scheme also works when the pool runs the tasks
+// one after the other on one thread.
+struct Shared {
+  bool by_rows;
+  std::int64_t panels, width;
+  float* data;
+  std::atomic<std::uint8_t>* state;
+};
+
+// Makes every shared panel of k block q ready, starting at panel `first` (threads start at
+// different panels, so that they pack different ones at the same time).
+void ensure_block(const Problem& P, const Shared& S, std::int64_t q, std::int64_t first) {
+  const std::int64_t p0 = block_begin(P, q), kb = block_size(P, q);
+  for (std::int64_t jj = 0; jj < S.panels; ++jj) {
+    const std::int64_t j = (first + jj) % S.panels;
+    std::atomic<std::uint8_t>& st = S.state[q * S.panels + j];
+    std::uint8_t expected = 0;
+    if (st.load(std::memory_order_acquire) == 0 &&
+        st.compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) {
+      float* out = S.data + p0 * S.panels * S.width + j * kb * S.width;
+      if (S.by_rows)
+        pack_b(P, j, p0, kb, out);
+      else
+        pack_a(P, j, p0, kb, out);
+      st.store(2, std::memory_order_release);
+    }
+  }
+  for (std::int64_t j = 0; j < S.panels; ++j)
+    while (S.state[q * S.panels + j].load(std::memory_order_acquire) != 2) cpu_pause();
+}
+
+// A rectangle of a source matrix (rows of `row_len` floats, `ld` apart) that a thread will pack
+// next. Its lines are asked for (into L2) a slice at a time while the thread multiplies the block
+// before, so that packing reads them from L2 instead of waiting on L3 or memory.
+struct Upcoming {
+  const float* base = nullptr;
+  std::int64_t ld = 0, rows = 0, row_len = 0;
+  std::int64_t lines_per_row() const { return (row_len + 15) / 16 + 1; }
+  // Slice t of `slices`.
+  void prefetch(std::int64_t t, std::int64_t slices) const {
+    if (!base || kNoPrefetchNext) return;
+    const std::int64_t per_row = lines_per_row(), total = rows * per_row;
+    for (std::int64_t l = total * t / slices, e = total * (t + 1) / slices; l < e; ++l)
+      _mm_prefetch(reinterpret_cast<const char*>(base + (l / per_row) * ld + (l % per_row) * 16), _MM_HINT_T1);
+  }
+};
+
+// Source of op(A) rows [i0, i1), k range [p0, p0 + kb).
+Upcoming upcoming_a(const Problem& P, std::int64_t i0, std::int64_t i1, std::int64_t p0, std::int64_t kb) {
+  if (P.ta) return {P.a + p0 * P.lda + i0, P.lda, kb, i1 - i0};
+  return {P.a + i0 * P.lda + p0, P.lda, i1 - i0, kb};
+}
+
+// Source of op(B) columns [j0, j1), k range [p0, p0 + kb).
+Upcoming upcoming_b(const Problem& P, std::int64_t j0, std::int64_t j1, std::int64_t p0, std::int64_t kb) {
+  if (P.tb) return {P.b + j0 * P.ldb + p0, P.ldb, j1 - j0, kb};
+  return {P.b + p0 * P.ldb + j0, P.ldb, kb, j1 - j0};
+}
+
+// Row panels [lo, hi) of C against the shared op(B).
+void run_rows(const Problem& P, const Shared& S, std::int64_t lo, std::int64_t hi, std::int64_t first) {
+  thread_local Scratch scratch;
+  float* ap = scratch.get(static_cast<std::size_t>(std::min(P.kc, P.k) * (kMC / kMR) * kAS));
+  const std::int64_t panels_per_block = kMC / kMR;
+  for (std::int64_t q = 0; q < P.k_blocks; ++q) {
+    const std::int64_t p0 = block_begin(P, q), kb = block_size(P, q);
+    ensure_block(P, S, q, first);
+    const float* bq = S.data + p0 * P.b_panels * kNR;
+    if (P.direct_a) {
+      // One micro-panel of A (kMR rows of kb floats, L1) against all of B's k block (L2).
+      for (std::int64_t ip = lo; ip < hi; ++ip) {
+        const float* a_rows = P.a + ip * kMR * P.lda + p0;
+        Upcoming next;
+        if (ip + 1 < hi) next = upcoming_a(P, (ip + 1) * kMR, std::min(P.m, (ip + 2) * kMR), p0, kb);
+        for (std::int64_t jp = 0; jp < P.b_panels; ++jp) {
+          next.prefetch(jp, P.b_panels);
+          tile(P, ip, jp, q, kb, a_rows, bq + jp * kb * kNR);
+        }
+      }
+      continue;
+    }
+    for (std::int64_t ic = lo; ic < hi; ic += panels_per_block) {
+      const std::int64_t ie = std::min(hi, ic + panels_per_block);
+      for (std::int64_t ip = ic; ip < ie; ++ip) pack_a(P, ip, p0, kb, ap + (ip - ic) * kb * kAS);
+      // The block of A packed next: the following rows, or the first rows of the next k block.
+      Upcoming next;
+      if (ie < hi)
+        next = upcoming_a(P, ie * kMR, std::min(P.m, std::min(hi, ie + panels_per_block) * kMR), p0, kb);
+      else if (q + 1 < P.k_blocks)
+        next = upcoming_a(P, lo * kMR, std::min(P.m, std::min(hi, lo + panels_per_block) * kMR), block_begin(P, q + 1),
+                          block_size(P, q + 1));
+      const std::int64_t tiles = P.b_panels * (ie - ic);
+      for (std::int64_t jp = 0; jp < P.b_panels; ++jp)
+        for (std::int64_t ip = ic; ip < ie; ++ip) {
+          next.prefetch(jp * (ie - ic) + ip - ic, tiles);
+          tile(P, ip, jp, q, kb, ap + (ip - ic) * kb * kAS, bq + jp * kb * kNR);
+        }
+    }
+  }
+}
+
+// Column panels [lo, hi) of C against the shared op(A).
+void run_cols(const Problem& P, const Shared& S, std::int64_t lo, std::int64_t hi, std::int64_t first) {
+  thread_local Scratch scratch;
+  float* bp = scratch.get(static_cast<std::size_t>(std::min(P.kc, P.k) * kNC));
+  const std::int64_t panels_per_block = kNC / kNR;
+  for (std::int64_t q = 0; q < P.k_blocks; ++q) {
+    const std::int64_t p0 = block_begin(P, q), kb = block_size(P, q);
+    if (!P.direct_a) ensure_block(P, S, q, first);
+    const float* aq = S.data + p0 * P.a_panels * kAS;
+    for (std::int64_t jc = lo; jc < hi; jc += panels_per_block) {
+      const std::int64_t je = std::min(hi, jc + panels_per_block);
+      for (std::int64_t jp = jc; jp < je; ++jp) pack_b(P, jp, p0, kb, bp + (jp - jc) * kb * kNR);
+      Upcoming next;
+      if (je < hi)
+        next = upcoming_b(P, je * kNR, std::min(P.n, std::min(hi, je + panels_per_block) * kNR), p0, kb);
+      else if (q + 1 < P.k_blocks)
+        next = upcoming_b(P, lo * kNR, std::min(P.n, std::min(hi, lo + panels_per_block) * kNR), block_begin(P, q + 1),
+                          block_size(P, q + 1));
+      const std::int64_t tiles = P.a_panels * (je - jc);
+      for (std::int64_t jp = jc; jp < je; ++jp)
+        for (std::int64_t ip = 0; ip < P.a_panels; ++ip) {
+          next.prefetch((jp - jc) * P.a_panels + ip, tiles);
+          tile(P, ip, jp, q, kb, P.direct_a ? P.a + ip * kMR * P.lda + p0 : aq + ip * kb * kAS,
+               bp + (jp - jc) * kb * kNR);
+        }
+    }
+  }
+}
+
+}  // namespace
+
+bool sgemm_avx512_available() {
+  static const bool available = __builtin_cpu_supports("avx512f");
+  return available;
+}
+
+void sgemm_avx512(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,
+                  std::int64_t lda, const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
+  Problem P{ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, false, false, 0, 0, 0, 0};
+  // A C with fewer columns than a vector (the MLP's 10 logits) would leave most lanes of the
+  // micro-tile idle: compute C^T = op(B)^T op(A)^T instead, whose rows are long.
+  if (n <= 16 && m > n) P = {!tb, !ta, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc, true, false, 0, 0, 0, 0};
+  P.direct_a = !P.ta && kDirectA;
+  P.k_blocks = (P.k + kMaxKC - 1) / kMaxKC;
+  P.kc = (P.k + P.k_blocks - 1) / P.k_blocks;
+  P.a_panels = (P.m + kMR - 1) / kMR;
+  P.b_panels = (P.n + kNR - 1) / kNR;
+
+  const double flops = 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
+  // Row blocks share op(B), column blocks op(A): cut the longer side, so that each thread packs
+  // its own part of the larger operand.
+  const bool by_rows = P.m >= P.n;
+  const std::int64_t own_panels = by_rows ? P.a_panels : P.b_panels;
+  const int threads =
+      flops < kMinParallelFlops ? 1 : static_cast<int>(std::min<std::int64_t>(num_threads(), own_panels));
+
+  Shared S{by_rows, by_rows ? P.b_panels : P.a_panels, by_rows ? kNR : kAS, nullptr, nullptr};
+  thread_local Scratch shared_scratch;
+  thread_local std::vector<std::atomic<std::uint8_t>> state;
+  if (!by_rows && P.direct_a) S.panels = 0;  // nothing shared to pack
+  S.data = shared_scratch.get(static_cast<std::size_t>(std::max<std::int64_t>(1, P.k * S.panels * S.width)));
+  const std::size_t units = static_cast<std::size_t>(P.k_blocks * S.panels);
+  if (state.size() < units) state = std::vector<std::atomic<std::uint8_t>>(units);
+  for (std::size_t u = 0; u < units; ++u) state[u].store(0, std::memory_order_relaxed);
+  S.state = state.data();
+
+  const auto run = [&](int t) {
+    const std::int64_t lo = own_panels * t / threads, hi = own_panels * (t + 1) / threads;
+    const std::int64_t first = S.panels * t / threads;
+    if (lo >= hi) return;
+    if (by_rows)
+      run_rows(P, S, lo, hi, first);
+    else
+      run_cols(P, S, lo, hi, first);
+  };
+  if (threads <= 1)
+    run(0);
+  else
+    parallel_for(threads, run);
+}
+
+}  // namespace chaingrad::kernels
