@@ -150,7 +150,7 @@ static void BM_Conv2dBackwardInput(benchmark::State& state) {
   for (auto _ : state) benchmark::DoNotOptimize(cg::conv2d_backward_input(l.g, l.w, l.x.shape(), 1, 1));
   set_gflops(state, l.flops);
 }
-BENCHMARK(BM_Conv2dBackwardInput)->Args({32, 14, 64})->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Conv2dBackwardInput)->Args({1, 28, 32})->Args({32, 14, 64})->Unit(benchmark::kMicrosecond);
 
 static void BM_Conv2dBackwardWeight(benchmark::State& state) {
   const ConvLayer l = conv_layer(state);

@@ -4,10 +4,16 @@
 // single-sample path and the 2x2 pooling fast path, in float64 and float32.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <vector>
 
 #include "chaingrad/chaingrad.hpp"
+// The kernels themselves, to hold the float32 oneDNN path against im2col + GEMM on raw buffers
+// (test_conv has no src/ include path of its own).
+#include "../src/kernels/cpu/conv_kernels.hpp"
 #include "test_util.hpp"
 
 namespace chaingrad {
@@ -80,6 +86,136 @@ TEST_P(ConvAgainstReference, ForwardAndGradientsMatchTheComposition) {
 
 INSTANTIATE_TEST_SUITE_P(Shapes, ConvAgainstReference,
                          ::testing::Range(0, static_cast<int>(std::size(kCases))));
+
+// float32 conv2d runs on oneDNN's direct convolution where it takes the shape, in blocks of samples
+// over chaingrad's pool (src/kernels/cpu/conv_onednn.hpp). Each pass is held against the im2col +
+// GEMM kernels on the same float32 data, and must give bitwise the same result on 1, 2 and 3
+// threads (the blocks and the order of the weight gradient's sum depend on the shape only).
+// The op has no groups; stride, padding and dilation are covered.
+struct KernelCase {
+  std::int64_t N, C, H, W, O, kh, kw, stride, pad, dil;
+};
+
+const KernelCase kKernelCases[] = {
+    {64, 1, 28, 28, 32, 3, 3, 1, 1, 1},   // the CNN's first layer, a full batch: 8 blocks of 8
+    {64, 32, 14, 14, 64, 3, 3, 1, 1, 1},  // the second layer
+    {13, 32, 14, 14, 64, 3, 3, 1, 1, 1},  // blocks of 2 and a last block of 1
+    {1, 32, 14, 14, 16, 3, 3, 1, 1, 1},   // one sample
+    {1, 1, 28, 28, 32, 3, 3, 1, 1, 1},    // one sample, one channel
+    {5, 3, 11, 9, 7, 3, 3, 2, 1, 1},      // odd sizes and channel counts, stride 2
+    {4, 17, 9, 13, 19, 3, 5, 1, 2, 1},    // uneven kernel, channels past one block of 16
+    {3, 5, 10, 11, 6, 3, 3, 1, 2, 2},     // dilation 2
+    {6, 8, 15, 15, 12, 5, 5, 3, 2, 2},    // stride 3 with dilation 2
+    {9, 24, 7, 7, 40, 1, 1, 1, 0, 1},     // 1x1 kernel
+    {2, 16, 8, 8, 16, 2, 2, 2, 0, 1},     // 2x2 stride 2, no padding
+    {7, 2, 5, 6, 3, 5, 5, 1, 0, 1},       // a kernel as large as the image
+    {3, 4, 6, 6, 5, 3, 3, 1, 4, 1},       // padding larger than the kernel
+};
+
+std::vector<float> random_floats(std::int64_t n, Generator& gen) {
+  const Tensor t = randn({n}, {}, &gen);
+  return std::vector<float>(t.data<float>(), t.data<float>() + n);
+}
+
+// |a - b| <= tol * (largest |b| + 1), elementwise, over vectors of one length.
+::testing::AssertionResult close_to(const std::vector<float>& a, const std::vector<float>& b, double tol) {
+  double scale = 1;
+  for (float v : b) scale = std::max(scale, static_cast<double>(std::fabs(v)));
+  for (std::size_t i = 0; i < a.size(); ++i)
+    if (!(std::fabs(static_cast<double>(a[i]) - b[i]) <= tol * scale))
+      return ::testing::AssertionFailure() << "element " << i << ": " << a[i] << " vs " << b[i] << " (scale " << scale
+                                           << ")";
+  return ::testing::AssertionSuccess();
+}
+
+bool bitwise_equal(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+class ConvKernels : public ::testing::TestWithParam<int> {};
+
+TEST_P(ConvKernels, Float32MatchesIm2colOnAnyThreadCount) {
+  const KernelCase& c = kKernelCases[GetParam()];
+  kernels::ConvShape s{c.N, c.C, c.H, c.W, c.O, c.kh, c.kw, c.stride, c.pad, c.dil, 0, 0};
+  s.Ho = (c.H + 2 * c.pad - c.dil * (c.kh - 1) - 1) / c.stride + 1;
+  s.Wo = (c.W + 2 * c.pad - c.dil * (c.kw - 1) - 1) / c.stride + 1;
+  ASSERT_GT(s.Ho, 0);
+  ASSERT_GT(s.Wo, 0);
+  Generator gen(500 + GetParam());
+  const std::int64_t nx = s.N * s.C * s.H * s.W, nw = s.O * s.ckk(), ny = s.N * s.O * s.Ho * s.Wo;
+  const std::vector<float> x = random_floats(nx, gen), w = random_floats(nw, gen), b = random_floats(s.O, gen),
+                           g = random_floats(ny, gen);
+  // Sums of K = C*kh*kw (forward, input gradient) or N*Ho*Wo (weight gradient) products in another
+  // order: float32 rounding grows like sqrt(K).
+  const double tol = 1e-5;
+  std::vector<float> y_ref(ny), dx_ref(nx), dw_ref(nw);
+  kernels::conv2d_forward_im2col<float>(s, x.data(), w.data(), b.data(), y_ref.data());
+  kernels::conv2d_backward_input_im2col<float>(s, g.data(), w.data(), dx_ref.data());
+  kernels::conv2d_backward_weight_im2col<float>(s, g.data(), x.data(), dw_ref.data());
+
+  const int saved = get_num_threads();
+  std::vector<float> y1, dx1, dw1, y1_nobias;
+  for (int threads : {1, 2, 3}) {
+    set_num_threads(threads);
+    std::vector<float> y(ny, std::nanf("")), y_nobias(ny, std::nanf("")), dx(nx, std::nanf("")),
+        dw(nw, std::nanf(""));
+    kernels::conv2d_forward<float>(s, x.data(), w.data(), b.data(), y.data());
+    kernels::conv2d_forward<float>(s, x.data(), w.data(), nullptr, y_nobias.data());
+    kernels::conv2d_backward_input<float>(s, g.data(), w.data(), dx.data());
+    kernels::conv2d_backward_weight<float>(s, g.data(), x.data(), dw.data());
+    EXPECT_TRUE(close_to(y, y_ref, tol)) << "forward, " << threads << " threads";
+    std::vector<float> y_ref_nobias = y_ref;
+    for (std::int64_t n = 0; n < s.N; ++n)
+      for (std::int64_t o = 0; o < s.O; ++o)
+        for (std::int64_t p = 0; p < s.Ho * s.Wo; ++p) y_ref_nobias[(n * s.O + o) * s.Ho * s.Wo + p] -= b[o];
+    EXPECT_TRUE(close_to(y_nobias, y_ref_nobias, tol)) << "forward without bias, " << threads << " threads";
+    EXPECT_TRUE(close_to(dx, dx_ref, tol)) << "input gradient, " << threads << " threads";
+    EXPECT_TRUE(close_to(dw, dw_ref, 10 * tol)) << "weight gradient, " << threads << " threads";
+    if (threads == 1) {
+      y1 = y, y1_nobias = y_nobias, dx1 = dx, dw1 = dw;
+    } else {
+      EXPECT_TRUE(bitwise_equal(y, y1)) << "forward differs between 1 and " << threads << " threads";
+      EXPECT_TRUE(bitwise_equal(y_nobias, y1_nobias)) << "forward differs between 1 and " << threads << " threads";
+      EXPECT_TRUE(bitwise_equal(dx, dx1)) << "input gradient differs between 1 and " << threads << " threads";
+      EXPECT_TRUE(bitwise_equal(dw, dw1)) << "weight gradient differs between 1 and " << threads << " threads";
+    }
+  }
+  set_num_threads(saved);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, ConvKernels, ::testing::Range(0, static_cast<int>(std::size(kKernelCases))));
+
+// A naive float64 loop, the definition itself, against the float32 kernels on one odd case.
+TEST(ConvKernels, Float32MatchesTheDefinition) {
+  const kernels::ConvShape s{3, 5, 9, 8, 6, 3, 3, 2, 1, 2, 4, 3};  // Ho = (9+2-4-1)/2+1 = 4, Wo = (8+2-4-1)/2+1 = 3
+  Generator gen(77);
+  const std::vector<float> x = random_floats(s.N * s.C * s.H * s.W, gen), w = random_floats(s.O * s.ckk(), gen),
+                           g = random_floats(s.N * s.O * s.Ho * s.Wo, gen);
+  std::vector<double> y_def(g.size(), 0.0), dx_def(x.size(), 0.0), dw_def(w.size(), 0.0);
+  for (std::int64_t n = 0; n < s.N; ++n)
+    for (std::int64_t o = 0; o < s.O; ++o)
+      for (std::int64_t oh = 0; oh < s.Ho; ++oh)
+        for (std::int64_t ow = 0; ow < s.Wo; ++ow)
+          for (std::int64_t c = 0; c < s.C; ++c)
+            for (std::int64_t i = 0; i < s.kh; ++i)
+              for (std::int64_t j = 0; j < s.kw; ++j) {
+                const std::int64_t ih = oh * s.stride - s.pad + i * s.dil, iw = ow * s.stride - s.pad + j * s.dil;
+                if (ih < 0 || ih >= s.H || iw < 0 || iw >= s.W) continue;
+                const std::int64_t xi = ((n * s.C + c) * s.H + ih) * s.W + iw, wi = ((o * s.C + c) * s.kh + i) * s.kw + j;
+                const std::int64_t yi = ((n * s.O + o) * s.Ho + oh) * s.Wo + ow;
+                y_def[yi] += static_cast<double>(w[wi]) * x[xi];
+                dx_def[xi] += static_cast<double>(w[wi]) * g[yi];
+                dw_def[wi] += static_cast<double>(x[xi]) * g[yi];
+              }
+  std::vector<float> y(g.size()), dx(x.size()), dw(w.size());
+  kernels::conv2d_forward<float>(s, x.data(), w.data(), nullptr, y.data());
+  kernels::conv2d_backward_input<float>(s, g.data(), w.data(), dx.data());
+  kernels::conv2d_backward_weight<float>(s, g.data(), x.data(), dw.data());
+  const auto as_float = [](const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); };
+  EXPECT_TRUE(close_to(y, as_float(y_def), 1e-5));
+  EXPECT_TRUE(close_to(dx, as_float(dx_def), 1e-5));
+  EXPECT_TRUE(close_to(dw, as_float(dw_def), 1e-5));
+}
 
 TEST(Conv2d, InputGradientIsNotComputedForAConstantInput) {
   // The first layer of a CNN sees the data, which needs no gradient: its node must not ask for one.

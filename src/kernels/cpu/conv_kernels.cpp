@@ -1,8 +1,10 @@
 #include "kernels/cpu/conv_kernels.hpp"
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
+#include "kernels/cpu/conv_onednn.hpp"
 #include "kernels/cpu/gemm.hpp"
 #include "kernels/cpu/parallel.hpp"
 
@@ -188,7 +190,7 @@ std::int64_t chunk_samples(const ConvShape& s) {
 }  // namespace
 
 template <class T>
-void conv2d_forward(const ConvShape& s, const T* x, const T* w, const T* bias, T* out) {
+void conv2d_forward_im2col(const ConvShape& s, const T* x, const T* w, const T* bias, T* out) {
   const std::int64_t P = s.out_plane(), K = s.ckk(), in_size = s.C * s.H * s.W, out_size = s.O * P;
   if (s.N == 0 || s.O == 0 || P == 0) return;
   if (K == 0) {
@@ -262,7 +264,7 @@ void for_each_grad_chunk(const ConvShape& s, std::int64_t nb, const T* g, F&& f)
 }  // namespace
 
 template <class T>
-void conv2d_backward_input(const ConvShape& s, const T* g, const T* w, T* dx) {
+void conv2d_backward_input_im2col(const ConvShape& s, const T* g, const T* w, T* dx) {
   const std::int64_t P = s.out_plane(), K = s.ckk(), in_size = s.C * s.H * s.W;
   if (s.N == 0 || in_size == 0) return;
   if (s.O == 0 || P == 0) {
@@ -285,7 +287,7 @@ void conv2d_backward_input(const ConvShape& s, const T* g, const T* w, T* dx) {
 }
 
 template <class T>
-void conv2d_backward_weight(const ConvShape& s, const T* g, const T* x, T* dw) {
+void conv2d_backward_weight_im2col(const ConvShape& s, const T* g, const T* x, T* dw) {
   const std::int64_t P = s.out_plane(), K = s.ckk(), in_size = s.C * s.H * s.W;
   if (s.O == 0 || K == 0) return;
   if (s.N == 0 || P == 0) {
@@ -306,6 +308,27 @@ void conv2d_backward_weight(const ConvShape& s, const T* g, const T* x, T* dw) {
 }
 
 template <class T>
+void conv2d_forward(const ConvShape& s, const T* x, const T* w, const T* bias, T* out) {
+  if constexpr (std::is_same_v<T, float>)
+    if (onednn::conv2d_forward(s, x, w, bias, out)) return;
+  conv2d_forward_im2col<T>(s, x, w, bias, out);
+}
+
+template <class T>
+void conv2d_backward_input(const ConvShape& s, const T* g, const T* w, T* dx) {
+  if constexpr (std::is_same_v<T, float>)
+    if (onednn::conv2d_backward_input(s, g, w, dx)) return;
+  conv2d_backward_input_im2col<T>(s, g, w, dx);
+}
+
+template <class T>
+void conv2d_backward_weight(const ConvShape& s, const T* g, const T* x, T* dw) {
+  if constexpr (std::is_same_v<T, float>)
+    if (onednn::conv2d_backward_weight(s, g, x, dw)) return;
+  conv2d_backward_weight_im2col<T>(s, g, x, dw);
+}
+
+template <class T>
 void conv2d_backward_bias(const ConvShape& s, const T* g, T* db) {
   const std::int64_t P = s.out_plane();
   parallel_blocks(s.O, s.N * P, [&](std::int64_t o0, std::int64_t o1) {
@@ -323,6 +346,9 @@ void conv2d_backward_bias(const ConvShape& s, const T* g, T* db) {
   template void conv2d_forward<T>(const ConvShape&, const T*, const T*, const T*, T*);      \
   template void conv2d_backward_input<T>(const ConvShape&, const T*, const T*, T*);         \
   template void conv2d_backward_weight<T>(const ConvShape&, const T*, const T*, T*);        \
+  template void conv2d_forward_im2col<T>(const ConvShape&, const T*, const T*, const T*, T*); \
+  template void conv2d_backward_input_im2col<T>(const ConvShape&, const T*, const T*, T*);  \
+  template void conv2d_backward_weight_im2col<T>(const ConvShape&, const T*, const T*, T*); \
   template void conv2d_backward_bias<T>(const ConvShape&, const T*, T*);
 CG_INSTANTIATE(float)
 CG_INSTANTIATE(double)

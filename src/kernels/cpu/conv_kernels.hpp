@@ -44,6 +44,9 @@ void im2col(const ConvShape& s, const T* img, T* cols);
 template <class T>
 void col2im_add(const ConvShape& s, const T* cols, T* img);
 
+// The three passes below run float32 on oneDNN's direct convolution where it takes the shape
+// (conv_onednn.hpp) and everything else on im2col + GEMM; the *_im2col variants are the latter only.
+
 // out [N, O, Ho, Wo] = conv(x [N, C, H, W], w [O, C, kh, kw]) + bias [O] (bias may be null).
 template <class T>
 void conv2d_forward(const ConvShape& s, const T* x, const T* w, const T* bias, T* out);
@@ -53,6 +56,12 @@ void conv2d_backward_input(const ConvShape& s, const T* g, const T* w, T* dx);
 // dw [O, C, kh, kw] = the adjoint of conv(x, .) applied to g (overwrites dw).
 template <class T>
 void conv2d_backward_weight(const ConvShape& s, const T* g, const T* x, T* dw);
+template <class T>
+void conv2d_forward_im2col(const ConvShape& s, const T* x, const T* w, const T* bias, T* out);
+template <class T>
+void conv2d_backward_input_im2col(const ConvShape& s, const T* g, const T* w, T* dx);
+template <class T>
+void conv2d_backward_weight_im2col(const ConvShape& s, const T* g, const T* x, T* dw);
 // db [O] = sum of g [N, O, Ho, Wo] over n, ho, wo (float sums are accumulated in double per plane).
 template <class T>
 void conv2d_backward_bias(const ConvShape& s, const T* g, T* db);
