@@ -15,7 +15,9 @@
 #include "kernels/cpu/parallel.hpp"
 #include "kernels/cpu/sgemm_avx512.hpp"
 
-// float32 products go to oneDNN's sgemm: its JIT kernels use AVX-512 where the CPU has it, whatever
+// float32 products run on chaingrad's own AVX-512 kernel (sgemm_avx512.cpp, threaded on chaingrad's
+// pool) where the CPU has AVX-512F and the product is one it measured faster on (use_own_sgemm);
+// the rest go to oneDNN's sgemm: its JIT kernels use AVX-512 where the CPU has it, whatever
 // OPENBLAS_CORETYPE says, and on this project's MLP products they run 1.2-1.6x faster than
 // OpenBLAS's (BENCHMARKS.md, "Micro-benchmarks"). float64 has no oneDNN kernel and stays on OpenBLAS.
 // Both libraries run single-threaded; the product is cut into one block per thread of chaingrad's
@@ -135,17 +137,22 @@ void scale_only(std::int64_t m, std::int64_t n, T beta, T* c, std::int64_t ldc) 
   }
 }
 
-// Where gemm<float> runs chaingrad's own AVX-512 kernel instead of oneDNN. Products with a side
-// shorter than 32 (the MLP's 10-logit layer: 1024x10x256, 10x256x1024, 1024x256x10) stay on oneDNN:
-// there the own kernel spends most of its time packing the long operand, which it then uses for
-// only a few rows, and measured 15-40% of the FMA peak against oneDNN's 35-55% (bench_gemm,
-// BM_MlpProduct). CHAINGRAD_SGEMM=onednn sends every product to oneDNN, for comparisons.
-bool use_own_sgemm(std::int64_t m, std::int64_t n, std::int64_t k) {
+// Where gemm<float> runs chaingrad's own AVX-512 kernel instead of oneDNN: the shapes where the own
+// kernel measured faster, own/oneDNN GFLOP/s, interleaved runs on this project's 2-core machine
+// (bench_gemm BM_MlpProduct and an A/B harness, medians of 9-15 rounds; 1 and 2 threads):
+//  - A B (dX = G W) with m >= 512: 1.09-1.13 at m = 512 and 1024; 0.74-0.98 at m = 64 and 256.
+//  - A B^T (Y = X W^T) with m >= 1024: 1.02-1.07 at m = 1024; 0.89-1.06 at 512, 0.85-1.0 below.
+//  - A^T B (dW = G^T X): 0.85-1.06 whatever the size, no gain: oneDNN.
+//  - a side under 32 (the MLP's 10-logit layer): 0.4-0.8, oneDNN (the own kernel spends most of
+//    its time packing the long operand, which then serves only a few rows).
+// CHAINGRAD_SGEMM=onednn sends every product to oneDNN, for comparisons.
+bool use_own_sgemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k) {
   static const bool own = [] {
     const char* e = std::getenv("CHAINGRAD_SGEMM");
     return sgemm_avx512_available() && !(e && std::string(e) == "onednn");
   }();
-  return own && std::min({m, n, k}) >= 32;
+  if (!own || ta || std::min(n, k) < 32) return false;
+  return m >= (tb ? 1024 : 512);
 }
 
 }  // namespace
@@ -156,7 +163,7 @@ void gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, T al
   if (m == 0 || n == 0) return;
   if (k == 0) return scale_only(m, n, beta, c, ldc);
   if constexpr (std::is_same_v<T, float>) {
-    if (use_own_sgemm(m, n, k)) return sgemm_avx512(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    if (use_own_sgemm(ta, tb, m, n, k)) return sgemm_avx512(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   }
   split_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }

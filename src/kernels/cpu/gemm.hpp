@@ -19,6 +19,8 @@ void gemm_onednn(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std
 // about 30 ms on this project's machine, most of it for the first A^T B product. This runs one
 // product of each layout, so that a caller can pay that cost when it suits it (`chaingrad train`:
 // on another thread while the data set loads). Any thread may call it; only the first call works.
+// chaingrad's own kernel is compiled ahead of time and needs no warm-up, but oneDNN still runs
+// the products it does not take (a side under 32, CPUs without AVX-512), so this stays useful.
 void warm_up_gemm();
 
 }  // namespace chaingrad::kernels
