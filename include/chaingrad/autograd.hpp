@@ -122,16 +122,17 @@ class Node {
   // Output's shape and dtype, recorded at creation.
   const InputMeta& output_meta() const { return output_meta_; }
   // Hooks on the gradient w.r.t. this node's output (i.e. a non-leaf tensor's hooks).
-  std::vector<GradHook>& pre_hooks() { return pre_hooks_; }
-  // Optional label of the output tensor, used by the explainer.
-  const std::string& label() const { return label_; }
-  void set_label(std::string l) { label_ = std::move(l); }
+  std::vector<GradHook>& pre_hooks() { return extra().pre_hooks; }
+  bool has_pre_hooks() const { return extras_ && !extras_->pre_hooks.empty(); }
+  // Optional label of the output tensor, used by the explainer ("" when unlabelled).
+  const std::string& label() const;
+  void set_label(std::string l) { extra().label = std::move(l); }
 
  protected:
   friend class Engine;
   friend void detail::record_node(std::shared_ptr<Node>, std::span<const detail::TensorRef>, Tensor&);
   // What the engine touches on every node comes first, in the node's first cache lines; the
-  // input metadata (80 bytes an input) and the rarely used hooks and label come after.
+  // input metadata (80 bytes an input) comes after, and the rarely set hooks and label out of line.
   Edges next_edges_;
   std::uint64_t sequence_nr_;
   // Engine scratch space (one backward runs at a time on a given graph).
@@ -142,8 +143,15 @@ class Node {
   bool released_ = false;
   InputMetas input_meta_;
   InputMeta output_meta_{};
-  std::vector<GradHook> pre_hooks_;
-  std::string label_;
+  struct Extras {
+    std::vector<GradHook> pre_hooks;
+    std::string label;
+  };
+  std::unique_ptr<Extras> extras_;
+  Extras& extra() {
+    if (!extras_) extras_ = std::make_unique<Extras>();
+    return *extras_;
+  }
 };
 
 // Node for a leaf that requires grad: adds the incoming gradient into the leaf's `.grad`.

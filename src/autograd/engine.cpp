@@ -160,9 +160,11 @@ class Engine {
   // Runs the node's hooks and backward on its summed upstream gradient; frees its saved values.
   static GradList run_one(const std::shared_ptr<Node>& owner, Tensor& grad, const autograd::BackwardOptions& opt) {
     Node& node = *owner;
-    for (auto& hook : node.pre_hooks_) {
-      Tensor r = hook(grad);
-      if (r.defined()) grad = r;
+    if (node.has_pre_hooks()) {
+      for (auto& hook : node.extras_->pre_hooks) {
+        Tensor r = hook(grad);
+        if (r.defined()) grad = r;
+      }
     }
     if (opt.observer) opt.observer->on_node(node, grad);
     detail::RunningNode running(owner);
@@ -240,7 +242,7 @@ namespace autograd {
 namespace {
 
 // Checks output `i` and its upstream gradient; `g` becomes ones for a one-element output.
-void prepare_root(const Tensor& out, const Tensor& grad_output, std::size_t i, std::shared_ptr<Node>& root, Tensor& g) {
+void check_root(const Tensor& out, const Tensor& grad_output, std::size_t i, Tensor& g) {
   CG_CHECK(out.defined(), ValueError, "backward: output ", i, " is undefined");
   CG_CHECK(out.requires_grad(), AutogradError, "backward: output ", i,
            " does not require grad and has no grad_fn (was it computed under no_grad, or from tensors "
@@ -255,6 +257,10 @@ void prepare_root(const Tensor& out, const Tensor& grad_output, std::size_t i, s
     CG_CHECK(g.shape() == out.shape(), ShapeError, "backward: grad_output has shape ", g.shape(),
              " but the output has shape ", out.shape());
   }
+}
+
+void prepare_root(const Tensor& out, const Tensor& grad_output, std::size_t i, std::shared_ptr<Node>& root, Tensor& g) {
+  check_root(out, grad_output, i, g);
   root = gradient_edge(out);
 }
 
@@ -309,9 +315,12 @@ std::vector<Tensor> grad(const std::vector<Tensor>& outputs, const std::vector<T
 
 // The usual case, one output: no vectors for the roots and their gradients.
 void Tensor::backward(const Tensor& grad_output, bool retain_graph, bool create_graph) const {
-  std::shared_ptr<Node> root;
   Tensor g;
-  autograd::prepare_root(*this, grad_output, 0, root, g);
+  autograd::check_root(*this, grad_output, 0, g);
+  // The root's own grad_fn is the owning reference for the run (this tensor outlives the call); a
+  // leaf root runs its accumulator, which the leaf keeps.
+  if (!impl_->grad_fn) gradient_edge(*this);  // makes (or refreshes) the leaf's accumulator
+  const std::shared_ptr<Node>& root = impl_->grad_fn ? impl_->grad_fn : impl_->grad_accumulator;
   Engine::run(std::span<const std::shared_ptr<Node>>(&root, 1), std::span<const Tensor>(&g, 1),
               {.retain_graph = retain_graph, .create_graph = create_graph}, nullptr);
 }

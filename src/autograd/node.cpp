@@ -43,6 +43,11 @@ std::uint64_t next_sequence() {
 
 Node::Node() : sequence_nr_(next_sequence()) {}
 
+const std::string& Node::label() const {
+  static const std::string unlabelled;
+  return extras_ ? extras_->label : unlabelled;
+}
+
 Node::~Node() {
   // An edge this node does not own alone is just released: no recursion can follow from it.
   if (pending_deletes) {
@@ -200,7 +205,7 @@ void record_node(std::shared_ptr<Node> node, std::span<const TensorRef> inputs, 
     node->input_meta_.push_back(t.defined() ? InputMeta{t.shape(), t.dtype()} : InputMeta{{}, DType::Float64});
   }
   node->output_meta_ = {output.shape(), output.dtype()};
-  if (output.impl()->extras && !output.name().empty()) node->label_ = output.name();
+  if (output.impl()->extras && !output.name().empty()) node->set_label(output.name());
   Node& recorded = *node;
   output.impl()->grad_fn = std::move(node);
   output.impl()->requires_grad = true;
