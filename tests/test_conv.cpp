@@ -84,6 +84,31 @@ TEST_P(ConvAgainstReference, ForwardAndGradientsMatchTheComposition) {
   EXPECT_TRUE(allclose(gw32.to(DType::Float64), g[1], 1e-4, 1e-3));
 }
 
+TEST_P(ConvAgainstReference, Float32GradientsThroughTheGraph) {
+  // conv2d's node computes the weight and bias gradients in one kernel call when no graph is built
+  // through them; in float32 that call is oneDNN's, with the bias gradient summed by oneDNN.
+  const ConvCase& c = kCases[GetParam()];
+  Generator gen(300 + GetParam());
+  const TensorOptions f64{.dtype = DType::Float64};
+  Tensor x = randn(c.x, f64, &gen).requires_grad_(), w = randn(c.w, f64, &gen).requires_grad_();
+  Tensor b = randn({c.w[0]}, f64, &gen).requires_grad_();
+  const Tensor y = conv2d(x, w, b, c.stride, c.pad, c.dil);
+  const Tensor r = randn(y.shape(), f64, &gen);
+  const auto g = autograd::grad({sum(y * r)}, {x, w, b});
+  Tensor x32 = x.detach().to(DType::Float32).requires_grad_(), w32 = w.detach().to(DType::Float32).requires_grad_();
+  Tensor b32 = b.detach().to(DType::Float32).requires_grad_();
+  const Tensor y32 = conv2d(x32, w32, b32, c.stride, c.pad, c.dil);
+  const auto g32 = autograd::grad({sum(y32 * r.to(DType::Float32))}, {x32, w32, b32});
+  EXPECT_TRUE(allclose(g32[0].to(DType::Float64), g[0], 1e-4, 1e-4));
+  EXPECT_TRUE(allclose(g32[1].to(DType::Float64), g[1], 1e-4, 1e-3));
+  EXPECT_TRUE(allclose(g32[2].to(DType::Float64), g[2], 1e-4, 1e-3));
+  // Without the input's gradient the node takes the same fused call.
+  const Tensor y32c = conv2d(x32.detach(), w32, b32, c.stride, c.pad, c.dil);
+  const auto g32c = autograd::grad({sum(y32c * r.to(DType::Float32))}, {w32, b32});
+  EXPECT_TRUE(allclose(g32c[0], g32[1], 0, 0));
+  EXPECT_TRUE(allclose(g32c[1], g32[2], 0, 0));
+}
+
 INSTANTIATE_TEST_SUITE_P(Shapes, ConvAgainstReference,
                          ::testing::Range(0, static_cast<int>(std::size(kCases))));
 
@@ -148,21 +173,23 @@ TEST_P(ConvKernels, Float32MatchesIm2colOnAnyThreadCount) {
   // Sums of K = C*kh*kw (forward, input gradient) or N*Ho*Wo (weight gradient) products in another
   // order: float32 rounding grows like sqrt(K).
   const double tol = 1e-5;
-  std::vector<float> y_ref(ny), dx_ref(nx), dw_ref(nw);
+  std::vector<float> y_ref(ny), dx_ref(nx), dw_ref(nw), db_ref(s.O);
   kernels::conv2d_forward_im2col<float>(s, x.data(), w.data(), b.data(), y_ref.data());
   kernels::conv2d_backward_input_im2col<float>(s, g.data(), w.data(), dx_ref.data());
   kernels::conv2d_backward_weight_im2col<float>(s, g.data(), x.data(), dw_ref.data());
+  kernels::conv2d_backward_bias<float>(s, g.data(), db_ref.data());
 
   const int saved = get_num_threads();
-  std::vector<float> y1, dx1, dw1, y1_nobias;
+  std::vector<float> y1, dx1, dw1, y1_nobias, dwb1, db1;
   for (int threads : {1, 2, 3}) {
     set_num_threads(threads);
     std::vector<float> y(ny, std::nanf("")), y_nobias(ny, std::nanf("")), dx(nx, std::nanf("")),
-        dw(nw, std::nanf(""));
+        dw(nw, std::nanf("")), dwb(nw, std::nanf("")), db(s.O, std::nanf(""));
     kernels::conv2d_forward<float>(s, x.data(), w.data(), b.data(), y.data());
     kernels::conv2d_forward<float>(s, x.data(), w.data(), nullptr, y_nobias.data());
     kernels::conv2d_backward_input<float>(s, g.data(), w.data(), dx.data());
     kernels::conv2d_backward_weight<float>(s, g.data(), x.data(), dw.data());
+    kernels::conv2d_backward_weight<float>(s, g.data(), x.data(), dwb.data(), db.data());  // with the bias gradient
     EXPECT_TRUE(close_to(y, y_ref, tol)) << "forward, " << threads << " threads";
     std::vector<float> y_ref_nobias = y_ref;
     for (std::int64_t n = 0; n < s.N; ++n)
@@ -171,13 +198,16 @@ TEST_P(ConvKernels, Float32MatchesIm2colOnAnyThreadCount) {
     EXPECT_TRUE(close_to(y_nobias, y_ref_nobias, tol)) << "forward without bias, " << threads << " threads";
     EXPECT_TRUE(close_to(dx, dx_ref, tol)) << "input gradient, " << threads << " threads";
     EXPECT_TRUE(close_to(dw, dw_ref, 10 * tol)) << "weight gradient, " << threads << " threads";
+    EXPECT_TRUE(bitwise_equal(dwb, dw)) << "weight gradient with the bias gradient, " << threads << " threads";
+    EXPECT_TRUE(close_to(db, db_ref, 10 * tol)) << "bias gradient, " << threads << " threads";
     if (threads == 1) {
-      y1 = y, y1_nobias = y_nobias, dx1 = dx, dw1 = dw;
+      y1 = y, y1_nobias = y_nobias, dx1 = dx, dw1 = dw, dwb1 = dwb, db1 = db;
     } else {
       EXPECT_TRUE(bitwise_equal(y, y1)) << "forward differs between 1 and " << threads << " threads";
       EXPECT_TRUE(bitwise_equal(y_nobias, y1_nobias)) << "forward differs between 1 and " << threads << " threads";
       EXPECT_TRUE(bitwise_equal(dx, dx1)) << "input gradient differs between 1 and " << threads << " threads";
       EXPECT_TRUE(bitwise_equal(dw, dw1)) << "weight gradient differs between 1 and " << threads << " threads";
+      EXPECT_TRUE(bitwise_equal(db, db1)) << "bias gradient differs between 1 and " << threads << " threads";
     }
   }
   set_num_threads(saved);

@@ -5,6 +5,8 @@
 // on the fast kernels (Note [conv adjoints]). im2col and col2im are each other's adjoints and stay
 // as ops of their own; avg_pool2d is a composition over im2col.
 #include <cmath>
+#include <tuple>
+#include <utility>
 
 #include "kernels/cpu/conv_kernels.hpp"
 #include "kernels/cpu/pool_kernels.hpp"
@@ -80,6 +82,22 @@ Tensor conv_bias_grad(const Tensor& g, const ConvShape& s) {
   return db;
 }
 
+// dW and db of conv2d together, in one pass over g, when no graph is being built through them (with
+// create_graph they are the differentiable ops conv2d_backward_weight and sum).
+bool fuse_weight_and_bias_grads(const Tensor& g, const Tensor& x) {
+  return g.dtype() == x.dtype() && !detail::any_requires_grad({g, x});
+}
+
+std::pair<Tensor, Tensor> conv_weight_and_bias_grads(const Tensor& g, const Tensor& x, const Dims& weight_shape,
+                                                     const ConvShape& s) {
+  const Tensor gc = contiguous_data(g), xc = contiguous_data(x);
+  Tensor dw = empty(weight_shape, g.dtype()), db = empty({s.O}, g.dtype());
+  dispatch_float(g.dtype(), "conv2d", [&]<class T>() {
+    kernels::conv2d_backward_weight<T>(s, gc.data<T>(), xc.data<T>(), dw.data<T>(), db.data<T>());
+  });
+  return {dw, db};
+}
+
 }  // namespace
 
 Tensor im2col(const Tensor& x_in, std::int64_t kh, std::int64_t kw, std::int64_t stride, std::int64_t padding,
@@ -133,6 +151,10 @@ Tensor conv2d(const Tensor& x, const Tensor& weight, const Tensor& bias, std::in
              GradList grads(3);
              if (self.needs_grad(0))
                grads[0] = conv2d_backward_input(gr, sw.unpack(self), self.input_meta()[0].shape, g.stride, g.pad, g.dil);
+             if (self.needs_grad(1) && self.needs_grad(2) && fuse_weight_and_bias_grads(gr, sx.unpack(self))) {
+               std::tie(grads[1], grads[2]) = conv_weight_and_bias_grads(gr, sx.unpack(self), self.input_meta()[1].shape, g);
+               return grads;
+             }
              if (self.needs_grad(1))
                grads[1] = conv2d_backward_weight(gr, sx.unpack(self), self.input_meta()[1].shape, g.stride, g.pad, g.dil);
              if (self.needs_grad(2)) grads[2] = conv_bias_grad(gr, g);

@@ -322,10 +322,11 @@ void conv2d_backward_input(const ConvShape& s, const T* g, const T* w, T* dx) {
 }
 
 template <class T>
-void conv2d_backward_weight(const ConvShape& s, const T* g, const T* x, T* dw) {
+void conv2d_backward_weight(const ConvShape& s, const T* g, const T* x, T* dw, T* db) {
   if constexpr (std::is_same_v<T, float>)
-    if (onednn::conv2d_backward_weight(s, g, x, dw)) return;
+    if (onednn::conv2d_backward_weight(s, g, x, dw, db)) return;
   conv2d_backward_weight_im2col<T>(s, g, x, dw);
+  if (db) conv2d_backward_bias<T>(s, g, db);
 }
 
 template <class T>
@@ -345,7 +346,7 @@ void conv2d_backward_bias(const ConvShape& s, const T* g, T* db) {
   template void col2im_add<T>(const ConvShape&, const T*, T*);                              \
   template void conv2d_forward<T>(const ConvShape&, const T*, const T*, const T*, T*);      \
   template void conv2d_backward_input<T>(const ConvShape&, const T*, const T*, T*);         \
-  template void conv2d_backward_weight<T>(const ConvShape&, const T*, const T*, T*);        \
+  template void conv2d_backward_weight<T>(const ConvShape&, const T*, const T*, T*, T*);    \
   template void conv2d_forward_im2col<T>(const ConvShape&, const T*, const T*, const T*, T*); \
   template void conv2d_backward_input_im2col<T>(const ConvShape&, const T*, const T*, T*);  \
   template void conv2d_backward_weight_im2col<T>(const ConvShape&, const T*, const T*, T*); \

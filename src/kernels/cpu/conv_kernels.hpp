@@ -53,9 +53,10 @@ void conv2d_forward(const ConvShape& s, const T* x, const T* w, const T* bias, T
 // dx [N, C, H, W] = the adjoint of conv(., w) applied to g [N, O, Ho, Wo] (overwrites dx).
 template <class T>
 void conv2d_backward_input(const ConvShape& s, const T* g, const T* w, T* dx);
-// dw [O, C, kh, kw] = the adjoint of conv(x, .) applied to g (overwrites dw).
+// dw [O, C, kh, kw] = the adjoint of conv(x, .) applied to g (overwrites dw); with db, also
+// db = conv2d_backward_bias(g) in the same pass over g (up to float rounding).
 template <class T>
-void conv2d_backward_weight(const ConvShape& s, const T* g, const T* x, T* dw);
+void conv2d_backward_weight(const ConvShape& s, const T* g, const T* x, T* dw, T* db = nullptr);
 template <class T>
 void conv2d_forward_im2col(const ConvShape& s, const T* x, const T* w, const T* bias, T* out);
 template <class T>

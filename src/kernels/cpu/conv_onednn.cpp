@@ -230,8 +230,8 @@ std::unique_ptr<Plan> make_plan(const ConvShape& s, Pass pass, std::int64_t n, b
       return nullptr;
   } else if (pass == Pass::kBackwardWeight) {
     dnnl_convolution_desc_t d;
-    if (dnnl_dilated_convolution_backward_weights_desc_init(&d, dnnl_convolution_direct, &x_any, &w_any, nullptr,
-                                                            &y_any, strides, dilates, pad_l, pad_r) != dnnl_success ||
+    if (dnnl_dilated_convolution_backward_weights_desc_init(&d, dnnl_convolution_direct, &x_any, &w_any,
+                                                            with_bias ? &p->bias : nullptr, &y_any, strides, dilates, pad_l, pad_r) != dnnl_success ||
         dnnl_primitive_desc_create(&bwd.pd, &d, attr, engine(), fwd.pd) != dnnl_success)
       return nullptr;
   }
@@ -332,8 +332,9 @@ const float* weights_for(const Plan& p, const float* w) {
   return wb;
 }
 
-// Runs p.conv on one block: x, w, y are the block's tensors in the plan's layouts (bias may be null).
-void run_conv(const Plan& p, Pass pass, const void* x, const void* w, const void* y, const float* bias) {
+// Runs p.conv on one block: x, w, y are the block's tensors in the plan's layouts; bias (the bias,
+// or its gradient for kBackwardWeight) is null where the plan has none.
+void run_conv(const Plan& p, Pass pass, const void* x, const void* w, const void* y, const void* bias) {
   const Memory mx(p.x_md, x), mw(p.w_md, w), my(p.y_md, y), mp(p.scratch_md, scratch<2>(p.scratch_bytes));
   switch (pass) {
     case Pass::kForward:
@@ -351,8 +352,14 @@ void run_conv(const Plan& p, Pass pass, const void* x, const void* w, const void
                        {DNNL_ARG_SCRATCHPAD, mp.get()}});
       break;
     case Pass::kBackwardWeight:
-      execute(p.conv, {{DNNL_ARG_SRC, mx.get()}, {DNNL_ARG_DIFF_WEIGHTS, mw.get()}, {DNNL_ARG_DIFF_DST, my.get()},
-                       {DNNL_ARG_SCRATCHPAD, mp.get()}});
+      if (bias) {
+        const Memory mb(p.bias, bias);
+        execute(p.conv, {{DNNL_ARG_SRC, mx.get()}, {DNNL_ARG_DIFF_WEIGHTS, mw.get()}, {DNNL_ARG_DIFF_BIAS, mb.get()},
+                         {DNNL_ARG_DIFF_DST, my.get()}, {DNNL_ARG_SCRATCHPAD, mp.get()}});
+      } else {
+        execute(p.conv, {{DNNL_ARG_SRC, mx.get()}, {DNNL_ARG_DIFF_WEIGHTS, mw.get()}, {DNNL_ARG_DIFF_DST, my.get()},
+                         {DNNL_ARG_SCRATCHPAD, mp.get()}});
+      }
       break;
   }
 }
@@ -412,40 +419,46 @@ bool conv2d_backward_input(const ConvShape& s, const float* g, const float* w, f
   return true;
 }
 
-// The weight gradient is a sum over the batch. Block b adds its part into lane b % lanes, lanes
-// being at most kBlocks and fixed by the shape; the lanes are then summed in order. Each lane's sum
-// runs in block order on whichever thread takes it, so the rounding is the same for any thread count.
-bool conv2d_backward_weight(const ConvShape& s, const float* g, const float* x, float* dw) {
+// The weight and bias gradients are sums over the batch. Block b adds its part into lane
+// b % lanes, lanes being at most kBlocks and fixed by the shape; the lanes are then summed in order.
+// Each lane's sum runs in block order on whichever thread takes it, so the rounding is the same for
+// any thread count. A lane holds [dw (OIHW), db].
+bool conv2d_backward_weight(const ConvShape& s, const float* g, const float* x, float* dw, float* db) {
   if (!covered(s)) return false;
   const Blocks bl = blocks(s);
-  const auto plans = plans_for(s, Pass::kBackwardWeight, bl, false);
+  const auto plans = plans_for(s, Pass::kBackwardWeight, bl, db != nullptr);
   if (!plans[0]) return false;
   const std::int64_t in_size = s.C * s.H * s.W, out_size = s.O * s.Ho * s.Wo, w_size = s.O * s.ckk();
+  const std::int64_t b_size = db ? s.O : 0, lane_size = w_size + b_size;
   const std::int64_t lanes = std::min(bl.count, kBlocks);
-  float* lane_sums = lanes == 1 ? dw : scratch<7>(sizeof(float) * static_cast<std::size_t>(lanes * w_size));
+  float* lane_sums = lanes == 1 ? nullptr : scratch<7>(sizeof(float) * static_cast<std::size_t>(lanes * lane_size));
   parallel_for(static_cast<int>(lanes), [&](int lane) {
     SingleThreadedOpenMp one_thread;
-    float* acc = lane_sums + lane * w_size;
+    float* acc_w = lanes == 1 ? dw : lane_sums + lane * lane_size;
+    float* acc_b = lanes == 1 ? db : acc_w + w_size;
     for (std::int64_t b = lane; b < bl.count; b += lanes) {
       const Plan& p = *plans[b == bl.count - 1 ? 1 : 0];
       const void* xs = reordered_in<0>(p.x_reorder, p.x_plain, x + b * bl.size * in_size, p.x_md, p.x_bytes);
       const void* gy = reordered_in<1>(p.y_reorder, p.y_plain, g + b * bl.size * out_size, p.y_md, p.y_bytes);
       const bool first = b == lane;
-      // The block's gradient, in OIHW: straight into the lane's sum for its first block.
-      float* part = first ? acc : scratch<4>(sizeof(float) * static_cast<std::size_t>(w_size));
-      void* gw = p.w_reorder ? static_cast<void*>(scratch<3>(p.w_bytes)) : part;
-      run_conv(p, Pass::kBackwardWeight, xs, gw, gy, nullptr);
-      if (p.w_reorder) reorder(p.w_reorder, p.w_md, gw, p.w_plain, part);
-      if (!first)
-        for (std::int64_t k = 0; k < w_size; ++k) acc[k] += part[k];
+      // The block's gradients, dw in OIHW: straight into the lane's sums for its first block.
+      float* part_w = first ? acc_w : scratch<4>(sizeof(float) * static_cast<std::size_t>(lane_size));
+      float* part_b = first ? acc_b : part_w + w_size;
+      void* gw = p.w_reorder ? static_cast<void*>(scratch<3>(p.w_bytes)) : part_w;
+      run_conv(p, Pass::kBackwardWeight, xs, gw, gy, db ? part_b : nullptr);
+      if (p.w_reorder) reorder(p.w_reorder, p.w_md, gw, p.w_plain, part_w);
+      if (!first) {
+        for (std::int64_t k = 0; k < w_size; ++k) acc_w[k] += part_w[k];
+        for (std::int64_t k = 0; k < b_size; ++k) acc_b[k] += part_b[k];
+      }
     }
   });
   if (lanes > 1) {
-    parallel_range(w_size, [&](std::int64_t lo, std::int64_t hi) {
+    parallel_range(lane_size, [&](std::int64_t lo, std::int64_t hi) {
       for (std::int64_t k = lo; k < hi; ++k) {
         float v = lane_sums[k];
-        for (std::int64_t l = 1; l < lanes; ++l) v += lane_sums[l * w_size + k];
-        dw[k] = v;
+        for (std::int64_t l = 1; l < lanes; ++l) v += lane_sums[l * lane_size + k];
+        (k < w_size ? dw[k] : db[k - w_size]) = v;
       }
     });
   }

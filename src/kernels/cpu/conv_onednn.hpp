@@ -22,7 +22,8 @@ namespace chaingrad::kernels::onednn {
 bool conv2d_forward(const ConvShape& s, const float* x, const float* w, const float* bias, float* out);
 // dx [N, C, H, W] = the adjoint of conv(., w) applied to g.
 bool conv2d_backward_input(const ConvShape& s, const float* g, const float* w, float* dx);
-// dw [O, C, kh, kw] = the adjoint of conv(x, .) applied to g.
-bool conv2d_backward_weight(const ConvShape& s, const float* g, const float* x, float* dw);
+// dw [O, C, kh, kw] = the adjoint of conv(x, .) applied to g, and db [O] = the sum of g over
+// n, ho, wo when db is not null.
+bool conv2d_backward_weight(const ConvShape& s, const float* g, const float* x, float* dw, float* db = nullptr);
 
 }  // namespace chaingrad::kernels::onednn
