@@ -1,5 +1,6 @@
-// chaingrad's own float32 GEMM (src/kernels/cpu/sgemm_avx512.cpp) and the float32 path of
-// kernels::gemm that dispatches to it, against a double-precision triple loop: every transposition,
+// chaingrad's own float32 GEMM (src/kernels/cpu/sgemm_avx512.cpp), the oneDNN path and the float32
+// path of kernels::gemm (oneDNN, or the own kernel with CHAINGRAD_SGEMM=own), against a
+// double-precision triple loop: every transposition,
 // alpha and beta (beta 0 over a C full of NaN), ragged and tiny sizes, leading dimensions larger
 // than the rows, and bit-identical results on 1, 2 and 3 threads.
 #include <gtest/gtest.h>
@@ -200,14 +201,15 @@ TEST(Sgemm, MlpShapesMatchReferenceAndThreadCounts) {
     if (l > 0) ps.push_back({false, false, B, in[l], out_[l], 1.f, 0.f, 0});
   }
   unsigned seed = 5000;
-  for (const Case& g : ps) {
-    Operands o(g, seed++);
-    kc::set_num_threads(1);
-    const std::vector<float> one = check(&dispatched, g, o);
-    if (::testing::Test::HasFailure()) return;
-    kc::set_num_threads(2);
-    std::vector<float> two = o.c0;
-    dispatched(g.ta, g.tb, g.m, g.n, g.k, g.alpha, o.a.data(), o.lda, o.b.data(), o.ldb, g.beta, two.data(), o.ldc);
-    ASSERT_EQ(std::memcmp(two.data(), one.data(), one.size() * sizeof(float)), 0) << describe(g);
-  }
+  for (Gemm f : paths())
+    for (const Case& g : ps) {
+      Operands o(g, seed++);
+      kc::set_num_threads(1);
+      const std::vector<float> one = check(f, g, o);
+      if (::testing::Test::HasFailure()) return;
+      kc::set_num_threads(2);
+      std::vector<float> two = o.c0;
+      f(g.ta, g.tb, g.m, g.n, g.k, g.alpha, o.a.data(), o.lda, o.b.data(), o.ldb, g.beta, two.data(), o.ldc);
+      ASSERT_EQ(std::memcmp(two.data(), one.data(), one.size() * sizeof(float)), 0) << describe(g);
+    }
 }

@@ -15,9 +15,8 @@
 #include "kernels/cpu/parallel.hpp"
 #include "kernels/cpu/sgemm_avx512.hpp"
 
-// float32 products run on chaingrad's own AVX-512 kernel (sgemm_avx512.cpp, threaded on chaingrad's
-// pool) where the CPU has AVX-512F and the product is one it measured faster on (use_own_sgemm);
-// the rest go to oneDNN's sgemm: its JIT kernels use AVX-512 where the CPU has it, whatever
+// float32 products go to oneDNN's sgemm (chaingrad's own AVX-512 kernel, sgemm_avx512.cpp, only
+// with CHAINGRAD_SGEMM=own: see use_own_sgemm for why it is not the default): its JIT kernels use AVX-512 where the CPU has it, whatever
 // OPENBLAS_CORETYPE says, and on this project's MLP products they run 1.2-1.6x faster than
 // OpenBLAS's (BENCHMARKS.md, "Micro-benchmarks"). float64 has no oneDNN kernel and stays on OpenBLAS.
 // Both libraries run single-threaded; the product is cut into one block per thread of chaingrad's
@@ -137,19 +136,23 @@ void scale_only(std::int64_t m, std::int64_t n, T beta, T* c, std::int64_t ldc) 
   }
 }
 
-// Where gemm<float> runs chaingrad's own AVX-512 kernel instead of oneDNN: the shapes where the own
-// kernel measured faster, own/oneDNN GFLOP/s, interleaved runs on this project's 2-core machine
-// (bench_gemm BM_MlpProduct and an A/B harness, medians of 9-15 rounds; 1 and 2 threads):
-//  - A B (dX = G W) with m >= 512: 1.09-1.13 at m = 512 and 1024; 0.74-0.98 at m = 64 and 256.
-//  - A B^T (Y = X W^T) with m >= 1024: 1.02-1.07 at m = 1024; 0.89-1.06 at 512, 0.85-1.0 below.
-//  - A^T B (dW = G^T X): 0.85-1.06 whatever the size, no gain: oneDNN.
-//  - a side under 32 (the MLP's 10-logit layer): 0.4-0.8, oneDNN (the own kernel spends most of
-//    its time packing the long operand, which then serves only a few rows).
-// CHAINGRAD_SGEMM=onednn sends every product to oneDNN, for comparisons.
+// Whether gemm<float> runs chaingrad's own AVX-512 kernel instead of oneDNN. Off unless
+// CHAINGRAD_SGEMM=own: on this project's 2-core machine the own kernel measured no faster than
+// oneDNN on two threads, the default (bench_gemm, quiet runs with the FMA peak at 454-472 GFLOP/s:
+// the eight MLP products at batch 1024 at 0.95-1.07x oneDNN's GFLOP/s; BM_MlpProduct own/oneDNN
+// on 2 threads: X W^T 1024x256x784 0.93-1.02, 1024x256x256 1.00-1.05, G W 1024x256x256 0.95-0.97;
+// on 1 thread 0.97-1.04, 0.98-1.04, 1.02-1.12). With CHAINGRAD_SGEMM=own it takes the shapes
+// where it measured ahead in interleaved A/B runs (own/oneDNN GFLOP/s, medians of 9-15 rounds):
+//  - A B (dX = G W) with m >= 512: 1.09-1.13 at m = 512 and 1024 (0.74-0.98 at m = 64, 256);
+//  - A B^T (Y = X W^T) with m >= 1024: 1.02-1.07 at m = 1024 (0.89-1.06 at 512, 0.85-1.0 below).
+// Never for A^T B (dW = G^T X: 0.85-1.06) or a side under 32 (the MLP's 10-logit layer: 0.4-0.8;
+// the own kernel spends most of its time packing the long operand, which serves only a few rows).
+// The choice depends on the shape only, never on the thread count, so results stay the same for
+// any thread count. CHAINGRAD_SGEMM=onednn (or unset) keeps every product on oneDNN.
 bool use_own_sgemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k) {
   static const bool own = [] {
     const char* e = std::getenv("CHAINGRAD_SGEMM");
-    return sgemm_avx512_available() && !(e && std::string(e) == "onednn");
+    return sgemm_avx512_available() && e && std::string(e) == "own";
   }();
   if (!own || ta || std::min(n, k) < 32) return false;
   return m >= (tb ? 1024 : 512);
