@@ -12,7 +12,8 @@
 //
 // Primitives are created once per (pass, block shape) and cached for the life of the process
 // (creation costs milliseconds). Each function returns false, having written nothing, when this path
-// does not take the shape (empty dimensions, a pass measured slower than im2col + GEMM for it, or
+// does not take the shape (empty dimensions, 1x1 kernels, the input gradient of fewer than 8 input
+// channels: passes measured slower than im2col + GEMM there, or
 // oneDNN offering only a reference or GEMM-based implementation); the caller then runs im2col + GEMM.
 #include "kernels/cpu/conv_kernels.hpp"
 
