@@ -11,9 +11,8 @@
 #include <vector>
 
 #include "chaingrad/chaingrad.hpp"
-// The kernels themselves, to hold the float32 oneDNN path against im2col + GEMM on raw buffers
-// (test_conv has no src/ include path of its own).
-#include "../src/kernels/cpu/conv_kernels.hpp"
+// The kernels themselves, to hold the float32 oneDNN path against im2col + GEMM on raw buffers.
+#include "kernels/cpu/conv_kernels.hpp"
 #include "test_util.hpp"
 
 namespace chaingrad {

@@ -1,6 +1,5 @@
 #include "kernels/cpu/conv_onednn.hpp"
 
-#include <dlfcn.h>
 #include <dnnl.h>
 
 #include <algorithm>
@@ -13,49 +12,11 @@
 #include <string_view>
 
 #include "chaingrad/error.hpp"
+#include "kernels/cpu/openmp_control.hpp"
 #include "kernels/cpu/parallel.hpp"
 
 namespace chaingrad::kernels::onednn {
 namespace {
-
-// oneDNN sizes its work by the calling thread's OpenMP thread count, both when a primitive is
-// created and when it runs. Every call here is one block of a batch that chaingrad already split
-// over its own pool, so the count is held to 1 around each call and put back afterwards (the same
-// scheme as gemm.cpp's; chaingrad is not built with OpenMP, so the functions are looked up at run
-// time).
-struct OpenMpControl {
-  int (*get_max_threads)() = nullptr;
-  void (*set_num_threads)(int) = nullptr;
-};
-
-const OpenMpControl& openmp() {
-  static const OpenMpControl c = [] {
-    OpenMpControl r;
-    r.get_max_threads = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "omp_get_max_threads"));
-    r.set_num_threads = reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "omp_set_num_threads"));
-    if (!r.get_max_threads || !r.set_num_threads) r = {};
-    return r;
-  }();
-  return c;
-}
-
-class SingleThreadedOpenMp {
- public:
-  SingleThreadedOpenMp() {
-    if (openmp().get_max_threads) {
-      saved_ = openmp().get_max_threads();
-      if (saved_ != 1) openmp().set_num_threads(1);
-    }
-  }
-  ~SingleThreadedOpenMp() {
-    if (saved_ > 1) openmp().set_num_threads(saved_);
-  }
-  SingleThreadedOpenMp(const SingleThreadedOpenMp&) = delete;
-  SingleThreadedOpenMp& operator=(const SingleThreadedOpenMp&) = delete;
-
- private:
-  int saved_ = 1;
-};
 
 void check(dnnl_status_t st, const char* what) {
   CG_CHECK(st == dnnl_success, InternalError, "conv2d: oneDNN ", what, " failed with status ", static_cast<int>(st));

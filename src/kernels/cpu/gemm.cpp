@@ -1,7 +1,6 @@
 #include "kernels/cpu/gemm.hpp"
 
 #include <cblas.h>
-#include <dlfcn.h>
 #include <dnnl.h>
 
 #include <algorithm>
@@ -12,15 +11,17 @@
 #include <vector>
 
 #include "chaingrad/error.hpp"
+#include "kernels/cpu/openmp_control.hpp"
 #include "kernels/cpu/parallel.hpp"
 #include "kernels/cpu/sgemm_avx512.hpp"
 
-// float32 products go to oneDNN's sgemm (chaingrad's own AVX-512 kernel, sgemm_avx512.cpp, only
-// with CHAINGRAD_SGEMM=own: see use_own_sgemm for why it is not the default): its JIT kernels use AVX-512 where the CPU has it, whatever
+// float32 products go to oneDNN's sgemm: its JIT kernels use AVX-512 where the CPU has it, whatever
 // OPENBLAS_CORETYPE says, and on this project's MLP products they run 1.2-1.6x faster than
-// OpenBLAS's (BENCHMARKS.md, "Micro-benchmarks"). float64 has no oneDNN kernel and stays on OpenBLAS.
-// Both libraries run single-threaded; the product is cut into one block per thread of chaingrad's
-// own pool, so no library pool spins against another's.
+// OpenBLAS's (BENCHMARKS.md, "Micro-benchmarks"). chaingrad's own AVX-512 kernel
+// (sgemm_avx512.cpp) runs instead only with CHAINGRAD_SGEMM=own: use_own_sgemm says why it is not
+// the default. float64 has no oneDNN kernel and stays on OpenBLAS. Both libraries run
+// single-threaded; the product is cut into one block per thread of chaingrad's own pool, so no
+// library pool spins against another's.
 
 namespace chaingrad::kernels {
 namespace {
@@ -30,44 +31,6 @@ namespace {
 constexpr double kMinParallelFlops = 1 << 20;
 // Column blocks are cut at multiples of a cache line of floats, so no two threads write one line.
 constexpr std::int64_t kColumnAlign = 16;
-
-// oneDNN (built on OpenMP) sizes each sgemm by the calling thread's OpenMP thread count. Each call
-// here is one block of a product that chaingrad already split, so it must run on one thread; the
-// count is set around the call and put back, leaving the user's own OpenMP setting alone. The
-// functions are looked up at run time because chaingrad itself is not built with OpenMP.
-struct OpenMpControl {
-  int (*get_max_threads)() = nullptr;
-  void (*set_num_threads)(int) = nullptr;
-};
-
-const OpenMpControl& openmp() {
-  static const OpenMpControl c = [] {
-    OpenMpControl r;
-    r.get_max_threads = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "omp_get_max_threads"));
-    r.set_num_threads = reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "omp_set_num_threads"));
-    if (!r.get_max_threads || !r.set_num_threads) r = {};
-    return r;
-  }();
-  return c;
-}
-
-class SingleThreadedOpenMp {
- public:
-  SingleThreadedOpenMp() {
-    if (openmp().get_max_threads) {
-      saved_ = openmp().get_max_threads();
-      if (saved_ != 1) openmp().set_num_threads(1);
-    }
-  }
-  ~SingleThreadedOpenMp() {
-    if (saved_ > 1) openmp().set_num_threads(saved_);
-  }
-  SingleThreadedOpenMp(const SingleThreadedOpenMp&) = delete;
-  SingleThreadedOpenMp& operator=(const SingleThreadedOpenMp&) = delete;
-
- private:
-  int saved_ = 1;
-};
 
 void make_openblas_single_threaded() {
   static std::once_flag once;
