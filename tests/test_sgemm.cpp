@@ -2,7 +2,8 @@
 // path of kernels::gemm (oneDNN, or the own kernel with CHAINGRAD_SGEMM=own), against a
 // double-precision triple loop: every transposition,
 // alpha and beta (beta 0 over a C full of NaN), ragged and tiny sizes, leading dimensions larger
-// than the rows, and bit-identical results on 1, 2 and 3 threads.
+// than the rows, and bit-identical results on 1, 2 and 3 threads (and on up to 16, where threads
+// race for the panels they share).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -145,6 +146,16 @@ std::vector<Case> cases() {
     out.push_back({ta, tb, 130, 10, 1030, 1.f, 0.f, 0});
     out.push_back({ta, tb, 10, 130, 1030, 1.f, 1.f, 0});
   }
+  // The own kernel's packing paths (sgemm_avx512.cpp), with ragged edges and several ragged k
+  // blocks: row blocks (m >= n) holding more than one block of A per thread on 2 threads, column
+  // blocks (n > m) holding more than one block of B per thread; each with the shared operand
+  // packed by the tiles (op(B) = B, resp. op(A) = A^T) or up front (B^T, resp. A direct).
+  for (int t = 0; t < 4; ++t) {
+    const bool ta = (t & 1) != 0, tb = (t & 2) != 0;
+    out.push_back({ta, tb, 250, 45, 1030, 0.75f, 0.5f, 3});
+    out.push_back({ta, tb, 45, 600, 830, 1.f, 0.f, 5});
+    out.push_back({ta, tb, 113, 33, 401, -2.f, 1.f, 17});
+  }
   return out;
 }
 
@@ -184,6 +195,31 @@ TEST(Sgemm, SameBitsOnOneTwoAndThreeThreads) {
           first = c;
         } else {
           ASSERT_EQ(std::memcmp(c.data(), first.data(), c.size() * sizeof(float)), 0)
+              << describe(g) << " differs between 1 and " << threads << " threads";
+        }
+      }
+    }
+}
+
+// More threads than panels to share: threads race for the shared panels, and a thread that finds
+// one still being packed by another packs a copy of its own; the bits must not change.
+TEST(Sgemm, SameBitsWhenThreadsRaceForSharedPanels) {
+  ThreadCount restore;
+  const std::vector<Case> racing = {{true, false, 250, 45, 1030, 1.f, 0.f, 0}, {true, false, 45, 600, 830, 1.f, 1.f, 2},
+                                    {false, false, 600, 70, 300, 0.5f, 0.f, 1}, {true, true, 300, 300, 500, 1.f, 0.f, 0}};
+  unsigned seed = 3000;
+  for (Gemm f : paths())
+    for (const Case& g : racing) {
+      Operands o(g, seed++);
+      kc::set_num_threads(1);
+      const std::vector<float> one = check(f, g, o);
+      if (::testing::Test::HasFailure()) return;
+      for (int threads : {4, 7, 16}) {
+        kc::set_num_threads(threads);
+        for (int repeat = 0; repeat < 5; ++repeat) {
+          std::vector<float> c = o.c0;
+          f(g.ta, g.tb, g.m, g.n, g.k, g.alpha, o.a.data(), o.lda, o.b.data(), o.ldb, g.beta, c.data(), o.ldc);
+          ASSERT_EQ(std::memcmp(c.data(), one.data(), one.size() * sizeof(float)), 0)
               << describe(g) << " differs between 1 and " << threads << " threads";
         }
       }

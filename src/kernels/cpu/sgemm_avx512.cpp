@@ -23,6 +23,9 @@
 //  - op(A): when A is stored m x k (X W^T, G W), the micro-kernel reads its rows where they lie:
 //    packing would transpose all of A (it cost 10-13% of the forward product at batch 1024). When
 //    A is stored k x m (G^T X), it is packed into micro-panels of kMR rows, one aligned line per k.
+//  - A panel whose source rows are its rows (op(A) = A^T, op(B) = B) is packed by the first tile
+//    that uses it, inside the micro-kernel (FeedA/FeedB kPacking), so that the loads of its source
+//    overlap that tile's FMAs; a transposed panel is packed in a loop of its own, up front.
 //    Edge panels are padded with zeros; only the stores to C are cut (row count as a template
 //    argument, column count as store masks).
 //  - k is cut into blocks of at most kMaxKC; each block adds into C (the first one applies beta).
@@ -30,7 +33,7 @@
 //    every tile shape, so results do not depend on the thread count.
 //  - Threads: C is cut into row blocks (m >= n) or column blocks, one per thread. The operand
 //    both blocks need (op(B) for row blocks, op(A) for column blocks) is packed once per product,
-//    each panel by whichever thread reaches it first (Shared, ensure_block); each thread packs
+//    each panel by whichever thread reaches it first (Shared, SharedBlock); each thread packs
 //    its own part of the other operand, and asks for the next block's source lines (prefetch into
 //    L2) while it multiplies the current one.
 // Every function that runs AVX-512 instructions carries target("avx512f"), so the file also builds
@@ -58,6 +61,7 @@ constexpr std::int64_t kNC = 8 * kNR;  // columns of B packed per block, when ea
 // Below this many flops a product runs on the calling thread: waking a worker costs about what
 // half of such a product does (the same threshold as the oneDNN path).
 constexpr double kMinParallelFlops = 1 << 20;
+
 
 // A growable, 64-byte aligned scratch buffer; one per thread and role, kept for the next product.
 class Scratch {
@@ -161,13 +165,51 @@ CG_AVX512 void pack_transposed(const float* src, std::int64_t lds, int L, std::i
 #pragma GCC diagnostic pop
 #endif
 
-// C[0:R, 0:kNR] (columns cut by the masks) = alpha * sum_p ap[p][r] * bp[p][:] + (first ? beta C : C).
-// DirectA: A is read where it lies, row r of the tile at ap + r * a_ld, consecutive k consecutive
-// (op(A) = A, row-major); otherwise ap is a packed micro-panel (kAS floats per k) and a_ld unused.
-// bp is a packed micro-panel of B (kNR floats per k).
-template <int R, bool DirectA>
-CG_AVX512 void micro_kernel(std::int64_t kb, const float* ap, std::int64_t a_ld, const float* bp, float* c,
-                            std::int64_t ldc, const __mmask16* mask, float alpha, float beta, bool first) {
+// Where the micro-kernel takes each operand from. The packing feeds let the first tile that uses a
+// panel also pack it: its source lines then arrive while the FMAs of the previous k steps run,
+// instead of in a packing loop that does little but wait on them (up front, packing took 10-15% of
+// a G^T X product's time).
+enum class FeedA {
+  kPacked,   // a packed micro-panel, kAS floats per k
+  kDirect,   // where it lies: op(A) = A, row r of the tile at a + r * ld, consecutive k consecutive
+  kPacking,  // where it lies as A^T (row p at a + p * ld, kMR floats), copied into its packed panel
+};
+enum class FeedB {
+  kPacked,   // a packed micro-panel, kNR floats per k
+  kPacking,  // where it lies: op(B) = B, row p at b + p * ld, copied into its packed panel
+};
+
+// A panel as a tile gets it: packed at `at`, or (pack_to set) its source at `at`, to be packed
+// into pack_to by the tile.
+struct Panel {
+  const float* at;
+  float* pack_to = nullptr;
+};
+
+// One operand of a tile as the micro-kernel reads it: a Panel, the source's row stride, and the
+// lanes of its source inside the matrix.
+struct Operand {
+  const float* at = nullptr;
+  std::int64_t ld = 0;
+  float* pack_to = nullptr;       // the packing feeds only
+  __mmask16 lanes[kNV] = {};      // the packing feeds: the lanes of the source inside the matrix
+};
+
+// C[0:R, 0:kNR] (columns cut by the masks) = alpha * sum_p A[r][p] * B[p][:] + (first ? beta C : C).
+// Packed panels get the source's lanes past the matrix's edge as zeros, as pack_contiguous does.
+template <int R, FeedA FA, FeedB FB>
+CG_AVX512 void micro_kernel(std::int64_t kb, const Operand& A, const Operand& B, float* c, std::int64_t ldc,
+                            const __mmask16* mask, float alpha, float beta, bool first) {
+  const float* ap = A.at;
+  const float* bp = B.at;
+  const std::int64_t a_step = FA == FeedA::kPacked ? kAS : FA == FeedA::kDirect ? 1 : A.ld;
+  const std::int64_t b_step = FB == FeedB::kPacked ? kNR : B.ld;
+  const std::int64_t a_ld = A.ld;
+  float* a_out = A.pack_to;
+  float* b_out = B.pack_to;
+  const __mmask16 a_lanes = A.lanes[0];
+  __mmask16 b_lanes[kNV];
+  for (int v = 0; v < kNV; ++v) b_lanes[v] = B.lanes[v];
   __m512 acc[R][kNV];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
@@ -179,15 +221,23 @@ CG_AVX512 void micro_kernel(std::int64_t kb, const float* ap, std::int64_t a_ld,
   for (std::int64_t p = 0; p < kb; ++p) {
     __m512 b[kNV];
 #pragma GCC unroll 4
-    for (int v = 0; v < kNV; ++v) b[v] = _mm512_load_ps(bp + 16 * v);
+    for (int v = 0; v < kNV; ++v) {
+      if constexpr (FB == FeedB::kPacking) {
+        b[v] = _mm512_maskz_loadu_ps(b_lanes[v], bp + 16 * v);
+        _mm512_store_ps(b_out + p * kNR + 16 * v, b[v]);
+      } else {
+        b[v] = _mm512_load_ps(bp + 16 * v);
+      }
+    }
+    if constexpr (FA == FeedA::kPacking) _mm512_store_ps(a_out + p * kAS, _mm512_maskz_loadu_ps(a_lanes, ap));
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      const __m512 a = _mm512_set1_ps(DirectA ? ap[r * a_ld] : ap[r]);
+      const __m512 a = _mm512_set1_ps(FA == FeedA::kDirect ? ap[r * a_ld] : ap[r]);
 #pragma GCC unroll 4
       for (int v = 0; v < kNV; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
     }
-    ap += DirectA ? 1 : kAS;
-    bp += kNR;
+    ap += a_step;
+    bp += b_step;
   }
   const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
 #pragma GCC unroll 16
@@ -207,16 +257,20 @@ CG_AVX512 void micro_kernel(std::int64_t kb, const float* ap, std::int64_t a_ld,
   }
 }
 
-using MicroKernel = void (*)(std::int64_t, const float*, std::int64_t, const float*, float*, std::int64_t,
-                             const __mmask16*, float, float, bool);
+using MicroKernel = void (*)(std::int64_t, const Operand&, const Operand&, float*, std::int64_t, const __mmask16*,
+                             float, float, bool);
 
-template <bool DirectA, int... R>
+template <FeedA FA, FeedB FB, int... R>
 constexpr std::array<MicroKernel, sizeof...(R)> kernel_table(std::integer_sequence<int, R...>) {
-  return {&micro_kernel<R + 1, DirectA>...};
+  return {&micro_kernel<R + 1, FA, FB>...};
 }
-// kKernels[direct_a][r - 1] computes r rows.
-constexpr std::array<MicroKernel, kMR> kKernels[2] = {kernel_table<false>(std::make_integer_sequence<int, kMR>{}),
-                                                      kernel_table<true>(std::make_integer_sequence<int, kMR>{})};
+template <FeedA FA, FeedB FB>
+constexpr std::array<MicroKernel, kMR> kRows = kernel_table<FA, FB>(std::make_integer_sequence<int, kMR>{});
+// kKernels[feed of A][feed of B][r - 1] computes r rows.
+constexpr std::array<MicroKernel, kMR> kKernels[3][2] = {
+    {kRows<FeedA::kPacked, FeedB::kPacked>, kRows<FeedA::kPacked, FeedB::kPacking>},
+    {kRows<FeedA::kDirect, FeedB::kPacked>, kRows<FeedA::kDirect, FeedB::kPacking>},
+    {kRows<FeedA::kPacking, FeedB::kPacked>, kRows<FeedA::kPacking, FeedB::kPacking>}};
 
 struct Problem {
   bool ta, tb;
@@ -295,26 +349,36 @@ CG_AVX512 void store_transposed(const float* t, int rows, int cols, float* c, st
 #pragma GCC diagnostic pop
 #endif
 
-// The tile of C at micro-panels (ip, jp), for k block q, from packed panels.
-// ap: the packed A micro-panel, or with direct_a the tile's first row of A where it lies.
-void tile(const Problem& P, std::int64_t ip, std::int64_t jp, std::int64_t q, std::int64_t kb, const float* ap,
-          const float* bp) {
+// The tile of C at micro-panels (ip, jp), for k block q. pa, pb: the packed panels, or with
+// Panel::pack_to their sources (the caller's A^T, resp. B, row-major, at the tile's first
+// row / column and k), to be packed on the way; with P.direct_a, pa is the tile's first row of A.
+// (Panels, not Operands, are passed here: a copied Operand was read back by vector loads from
+// narrower stores, a store-forwarding stall that cost 20-30% of the 1024x256x10 product.)
+void tile(const Problem& P, std::int64_t ip, std::int64_t jp, std::int64_t q, std::int64_t kb, Panel pa, Panel pb) {
   const std::int64_t i0 = ip * kMR, j0 = jp * kNR;
   const int rows = static_cast<int>(std::min<std::int64_t>(kMR, P.m - i0));
   const std::int64_t cols = std::min<std::int64_t>(kNR, P.n - j0);
-  const auto kernel = kKernels[P.direct_a][static_cast<std::size_t>(rows - 1)];
-  const std::int64_t a_ld = P.lda;
+  const FeedA fa = P.direct_a ? FeedA::kDirect : pa.pack_to ? FeedA::kPacking : FeedA::kPacked;
+  const FeedB fb = pb.pack_to ? FeedB::kPacking : FeedB::kPacked;
+  const auto kernel = kKernels[static_cast<int>(fa)][static_cast<int>(fb)][static_cast<std::size_t>(rows - 1)];
+  Operand a, b;
+  a.at = pa.at;
+  a.pack_to = pa.pack_to;
+  a.ld = P.lda;
+  a.lanes[0] = lanes(rows);
+  b.at = pb.at;
+  b.pack_to = pb.pack_to;
+  b.ld = P.ldb;
+  for (int v = 0; v < kNV; ++v) b.lanes[v] = lanes(cols - 16 * v);
   if (!P.c_transposed) {
-    __mmask16 mask[kNV];
-    for (int v = 0; v < kNV; ++v) mask[v] = lanes(cols - 16 * v);
-    kernel(kb, ap, a_ld, bp, P.c + i0 * P.ldc + j0, P.ldc, mask, P.alpha, P.beta, q == 0);
+    kernel(kb, a, b, P.c + i0 * P.ldc + j0, P.ldc, b.lanes, P.alpha, P.beta, q == 0);
     return;
   }
   // The sums go to a scratch tile, then into the caller's C transposed.
   alignas(64) float t[16 * kNR];  // 16 rows: store_transposed reads whole 16 x 16 blocks
   __mmask16 all[kNV];
   for (int v = 0; v < kNV; ++v) all[v] = 0xFFFF;
-  kernel(kb, ap, a_ld, bp, t, kNR, all, 1.f, 0.f, true);
+  kernel(kb, a, b, t, kNR, all, 1.f, 0.f, true);
   store_transposed(t, rows, static_cast<int>(cols), P.c + j0 * P.ldc + i0, P.ldc, P.alpha, P.beta, q == 0);
 }
 
@@ -329,52 +393,108 @@ std::int64_t block_size(const Problem& P, std::int64_t q) { return std::min(P.kc
 // (the other thread may have been descheduled mid-panel, and chaingrad's pool never waits on a
 // thread the OS has not run). The scheme also works when the pool runs the tasks one after the
 // other on one thread.
+// When the shared operand's panels are rows of its source (op(B) = B, or op(A) = A^T), `lazy`:
+// a thread claims a panel when its first tile needs it and packs it in that tile (FeedA/FeedB
+// kPacking); otherwise SharedBlock::pack_all packs a whole k block before its tiles.
 struct Shared {
   bool by_rows;
+  bool lazy;
   std::int64_t panels, width;
   float* data;
   std::atomic<std::uint8_t>* state;
 };
 
-// The shared panels of k block q, ready: panel j at out[j]. Starts at panel `first` (threads start
-// at different panels, so that they pack different ones at the same time).
-void ensure_block(const Problem& P, const Shared& S, std::int64_t q, std::int64_t first,
-                  std::vector<const float*>& out) {
-  thread_local Scratch own_copies;
-  const std::int64_t p0 = block_begin(P, q), kb = block_size(P, q);
-  out.assign(static_cast<std::size_t>(S.panels), nullptr);
-  const auto pack = [&](std::int64_t j, float* dst) {
-    if (S.by_rows)
-      pack_b(P, j, p0, kb, dst);
+// One thread's view of the shared panels of k block q: panel j at ready[j] once known.
+class SharedBlock {
+ public:
+  SharedBlock(const Problem& P, const Shared& S, std::int64_t q, std::vector<const float*>& ready)
+      : P_(P), S_(S), q_(q), p0_(block_begin(P, q)), kb_(block_size(P, q)), ready_(ready) {
+    ready_.assign(static_cast<std::size_t>(S.panels), nullptr);
+  }
+  SharedBlock(const SharedBlock&) = delete;
+  SharedBlock& operator=(const SharedBlock&) = delete;
+  ~SharedBlock() { publish(); }
+
+  // Packs every panel now (starting at `first`, so that threads pack different ones at the same time).
+  void pack_all(std::int64_t first);
+
+  // Panel j as a tile's operand: the packed panel, or (lazy) its source and where to pack it, when
+  // this thread is the first to need it or the thread packing it has not finished.
+  Panel operand(std::int64_t j) {
+    publish();
+    if (const float* at = ready_[static_cast<std::size_t>(j)]) return {at};
+    std::atomic<std::uint8_t>& st = S_.state[q_ * S_.panels + j];
+    std::uint8_t seen = st.load(std::memory_order_acquire);
+    float* dst = nullptr;
+    if (seen == 0 && st.compare_exchange_strong(seen, 1, std::memory_order_acq_rel)) {
+      dst = shared_panel(j);
+      claimed_ = j;
+    } else if (seen == 2) {
+      return {ready_[static_cast<std::size_t>(j)] = shared_panel(j)};
+    } else {
+      dst = own_copy(j);
+    }
+    ready_[static_cast<std::size_t>(j)] = dst;
+    return {source(j), dst};
+  }
+
+ private:
+  float* shared_panel(std::int64_t j) const { return S_.data + p0_ * S_.panels * S_.width + j * kb_ * S_.width; }
+  float* own_copy(std::int64_t j) {
+    thread_local Scratch own_copies;
+    if (!copies_) copies_ = own_copies.get(static_cast<std::size_t>(kb_ * S_.panels * S_.width));
+    return copies_ + j * kb_ * S_.width;
+  }
+  // The first element of panel j's source (lazy: rows of the source matrix).
+  const float* source(std::int64_t j) const {
+    return S_.by_rows ? P_.b + p0_ * P_.ldb + j * kNR : P_.a + p0_ * P_.lda + j * kMR;
+  }
+  // The panel claimed last is packed once the tile that packs it has run, that is by the time
+  // this thread asks for the next tile's panel or leaves the block.
+  void publish() {
+    if (claimed_ < 0) return;
+    S_.state[q_ * S_.panels + claimed_].store(2, std::memory_order_release);
+    claimed_ = -1;
+  }
+  void pack(std::int64_t j, float* dst) const {
+    if (S_.by_rows)
+      pack_b(P_, j, p0_, kb_, dst);
     else
-      pack_a(P, j, p0, kb, dst);
-  };
-  const auto shared_panel = [&](std::int64_t j) { return S.data + p0 * S.panels * S.width + j * kb * S.width; };
+      pack_a(P_, j, p0_, kb_, dst);
+  }
+
+  const Problem& P_;
+  const Shared& S_;
+  std::int64_t q_, p0_, kb_;
+  std::vector<const float*>& ready_;
+  float* copies_ = nullptr;
+  std::int64_t claimed_ = -1;
+};
+
+void SharedBlock::pack_all(std::int64_t first) {
   bool busy = false;
-  for (std::int64_t jj = 0; jj < S.panels; ++jj) {
-    const std::int64_t j = (first + jj) % S.panels;
-    std::atomic<std::uint8_t>& st = S.state[q * S.panels + j];
+  for (std::int64_t jj = 0; jj < S_.panels; ++jj) {
+    const std::int64_t j = (first + jj) % S_.panels;
+    std::atomic<std::uint8_t>& st = S_.state[q_ * S_.panels + j];
     std::uint8_t seen = st.load(std::memory_order_acquire);
     if (seen == 0 && st.compare_exchange_strong(seen, 1, std::memory_order_acq_rel)) {
       pack(j, shared_panel(j));
       st.store(2, std::memory_order_release);
       seen = 2;
     }
-    if (seen == 2) out[static_cast<std::size_t>(j)] = shared_panel(j);
+    if (seen == 2) ready_[static_cast<std::size_t>(j)] = shared_panel(j);
     busy |= seen == 1;
   }
   if (!busy) return;
-  float* copies = nullptr;
-  for (std::int64_t j = 0; j < S.panels; ++j) {
-    if (out[static_cast<std::size_t>(j)]) continue;
-    if (S.state[q * S.panels + j].load(std::memory_order_acquire) == 2) {
-      out[static_cast<std::size_t>(j)] = shared_panel(j);
+  for (std::int64_t j = 0; j < S_.panels; ++j) {
+    if (ready_[static_cast<std::size_t>(j)]) continue;
+    if (S_.state[q_ * S_.panels + j].load(std::memory_order_acquire) == 2) {
+      ready_[static_cast<std::size_t>(j)] = shared_panel(j);
       continue;
     }
-    if (!copies) copies = own_copies.get(static_cast<std::size_t>(kb * S.panels * S.width));
-    float* dst = copies + j * kb * S.width;
+    float* dst = own_copy(j);
     pack(j, dst);
-    out[static_cast<std::size_t>(j)] = dst;
+    ready_[static_cast<std::size_t>(j)] = dst;
   }
 }
 
@@ -414,23 +534,26 @@ void run_rows(const Problem& P, const Shared& S, std::int64_t lo, std::int64_t h
   const std::int64_t panels_per_block = kMC / kMR;
   for (std::int64_t q = 0; q < P.k_blocks; ++q) {
     const std::int64_t p0 = block_begin(P, q), kb = block_size(P, q);
-    ensure_block(P, S, q, first, shared);
+    SharedBlock B(P, S, q, shared);
+    if (!S.lazy) B.pack_all(first);
     if (P.direct_a) {
       // One micro-panel of A (kMR rows of kb floats, L1) against all of B's k block (L2).
       for (std::int64_t ip = lo; ip < hi; ++ip) {
         const float* a_rows = P.a + ip * kMR * P.lda + p0;
         Upcoming next;
         if (ip + 1 < hi) next = upcoming_a(P, (ip + 1) * kMR, std::min(P.m, (ip + 2) * kMR), p0, kb);
-        for (std::int64_t jp = 0; jp < P.b_panels; ++jp) {
-          next.prefetch(jp, P.b_panels);
-          tile(P, ip, jp, q, kb, a_rows, shared[static_cast<std::size_t>(jp)]);
+        for (std::int64_t jj = 0; jj < P.b_panels; ++jj) {
+          // Lazily shared panels: threads start at different ones, so as not to race for each.
+          const std::int64_t jp = S.lazy ? (first + jj) % P.b_panels : jj;
+          next.prefetch(jj, P.b_panels);
+          tile(P, ip, jp, q, kb, {a_rows}, B.operand(jp));
         }
       }
       continue;
     }
+    // op(A) = A^T (a packed A is never anything else): each panel is packed by its first tile.
     for (std::int64_t ic = lo; ic < hi; ic += panels_per_block) {
       const std::int64_t ie = std::min(hi, ic + panels_per_block);
-      for (std::int64_t ip = ic; ip < ie; ++ip) pack_a(P, ip, p0, kb, ap + (ip - ic) * kb * kAS);
       // The block of A packed next: the following rows, or the first rows of the next k block.
       Upcoming next;
       if (ie < hi)
@@ -439,11 +562,15 @@ void run_rows(const Problem& P, const Shared& S, std::int64_t lo, std::int64_t h
         next = upcoming_a(P, lo * kMR, std::min(P.m, std::min(hi, lo + panels_per_block) * kMR), block_begin(P, q + 1),
                           block_size(P, q + 1));
       const std::int64_t tiles = P.b_panels * (ie - ic);
-      for (std::int64_t jp = 0; jp < P.b_panels; ++jp)
+      for (std::int64_t jj = 0; jj < P.b_panels; ++jj) {
+        const std::int64_t jp = (first + jj) % P.b_panels;
         for (std::int64_t ip = ic; ip < ie; ++ip) {
-          next.prefetch(jp * (ie - ic) + ip - ic, tiles);
-          tile(P, ip, jp, q, kb, ap + (ip - ic) * kb * kAS, shared[static_cast<std::size_t>(jp)]);
+          next.prefetch(jj * (ie - ic) + ip - ic, tiles);
+          float* panel = ap + (ip - ic) * kb * kAS;
+          const Panel a = jj == 0 ? Panel{P.a + p0 * P.lda + ip * kMR, panel} : Panel{panel};
+          tile(P, ip, jp, q, kb, a, B.operand(jp));
         }
+      }
     }
   }
 }
@@ -454,12 +581,16 @@ void run_cols(const Problem& P, const Shared& S, std::int64_t lo, std::int64_t h
   thread_local std::vector<const float*> shared;
   float* bp = scratch.get(static_cast<std::size_t>(std::min(P.kc, P.k) * kNC));
   const std::int64_t panels_per_block = kNC / kNR;
+  // op(B) = B: each panel is packed by its first tile; B^T is packed up front (a transposition).
+  const bool pack_b_in_tiles = !P.tb;
   for (std::int64_t q = 0; q < P.k_blocks; ++q) {
     const std::int64_t p0 = block_begin(P, q), kb = block_size(P, q);
-    if (!P.direct_a) ensure_block(P, S, q, first, shared);
+    SharedBlock A(P, S, q, shared);
+    if (!P.direct_a && !S.lazy) A.pack_all(first);
     for (std::int64_t jc = lo; jc < hi; jc += panels_per_block) {
       const std::int64_t je = std::min(hi, jc + panels_per_block);
-      for (std::int64_t jp = jc; jp < je; ++jp) pack_b(P, jp, p0, kb, bp + (jp - jc) * kb * kNR);
+      if (!pack_b_in_tiles)
+        for (std::int64_t jp = jc; jp < je; ++jp) pack_b(P, jp, p0, kb, bp + (jp - jc) * kb * kNR);
       Upcoming next;
       if (je < hi)
         next = upcoming_b(P, je * kNR, std::min(P.n, std::min(hi, je + panels_per_block) * kNR), p0, kb);
@@ -468,10 +599,13 @@ void run_cols(const Problem& P, const Shared& S, std::int64_t lo, std::int64_t h
                           block_size(P, q + 1));
       const std::int64_t tiles = P.a_panels * (je - jc);
       for (std::int64_t jp = jc; jp < je; ++jp)
-        for (std::int64_t ip = 0; ip < P.a_panels; ++ip) {
-          next.prefetch((jp - jc) * P.a_panels + ip, tiles);
-          tile(P, ip, jp, q, kb, P.direct_a ? P.a + ip * kMR * P.lda + p0 : shared[static_cast<std::size_t>(ip)],
-               bp + (jp - jc) * kb * kNR);
+        for (std::int64_t ii = 0; ii < P.a_panels; ++ii) {
+          const std::int64_t ip = P.direct_a ? ii : (first + ii) % P.a_panels;
+          next.prefetch((jp - jc) * P.a_panels + ii, tiles);
+          float* panel = bp + (jp - jc) * kb * kNR;
+          const Panel b = pack_b_in_tiles && ii == 0 ? Panel{P.b + p0 * P.ldb + jp * kNR, panel} : Panel{panel};
+          const Panel a = P.direct_a ? Panel{P.a + ip * kMR * P.lda + p0} : A.operand(ip);
+          tile(P, ip, jp, q, kb, a, b);
         }
     }
   }
@@ -508,7 +642,10 @@ void sgemm_avx512(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t
   const int threads =
       flops < kMinParallelFlops ? 1 : static_cast<int>(std::min<std::int64_t>(num_threads(), own_panels));
 
-  Shared S{by_rows, by_rows ? P.b_panels : P.a_panels, by_rows ? kNR : kAS, nullptr, nullptr};
+  // The shared operand's panels are packed by the tiles that first use them when they are rows of
+  // its source (op(B) = B, op(A) = A^T); a transposition is packed up front.
+  const bool lazy = by_rows ? !P.tb : P.ta;
+  Shared S{by_rows, lazy, by_rows ? P.b_panels : P.a_panels, by_rows ? kNR : kAS, nullptr, nullptr};
   thread_local Scratch shared_scratch;
   thread_local std::vector<std::atomic<std::uint8_t>> state;
   if (!by_rows && P.direct_a) S.panels = 0;  // nothing shared to pack
