@@ -1,5 +1,5 @@
-// The matrix products of the MLP step, on chaingrad's path (kernels::gemm<float>: per shape, oneDNN
-// sgemm split across the pool or chaingrad's own AVX-512 kernel; CHAINGRAD_SGEMM forces one), on
+// The matrix products of the MLP step, on chaingrad's path (kernels::gemm<float>: oneDNN sgemm split
+// across the pool, or with CHAINGRAD_SGEMM=own chaingrad's own AVX-512 kernel for some shapes), on
 // the oneDNN path alone, on the own kernel alone (sgemm_avx512.cpp), and on OpenBLAS with its own
 // threads (what PyTorch calls), next to the machine's fp32 FMA peak
 // measured in the same run. Counters: GFLOP/s, and peak% = GFLOP/s over the peak for as many

@@ -18,8 +18,8 @@
 // float32 products go to oneDNN's sgemm: its JIT kernels use AVX-512 where the CPU has it, whatever
 // OPENBLAS_CORETYPE says, and on this project's MLP products they run 1.2-1.6x faster than
 // OpenBLAS's (BENCHMARKS.md, "Micro-benchmarks"). chaingrad's own AVX-512 kernel
-// (sgemm_avx512.cpp) runs instead on the shapes where it measured faster: use_own_sgemm says which.
-// float64 has no oneDNN kernel and stays on OpenBLAS. Both libraries run
+// (sgemm_avx512.cpp) runs instead only with CHAINGRAD_SGEMM=own: use_own_sgemm says why it is not
+// the default. float64 has no oneDNN kernel and stays on OpenBLAS. Both libraries run
 // single-threaded; the product is cut into one block per thread of chaingrad's own pool, so no
 // library pool spins against another's.
 
@@ -99,47 +99,33 @@ void scale_only(std::int64_t m, std::int64_t n, T beta, T* c, std::int64_t ldc) 
   }
 }
 
-// Which float32 kernel a product runs on. CHAINGRAD_SGEMM=own or =onednn forces one for every
-// product (own only on a CPU with AVX-512F); unset (or anything else), the shape decides.
-enum class SgemmChoice { kByShape, kOwn, kOneDnn };
-
-SgemmChoice sgemm_choice() {
-  static const SgemmChoice choice = [] {
-    const char* e = std::getenv("CHAINGRAD_SGEMM");
-    const std::string v = e ? e : "";
-    if (v == "own") return SgemmChoice::kOwn;
-    if (v == "onednn") return SgemmChoice::kOneDnn;
-    return SgemmChoice::kByShape;
-  }();
-  return choice;
-}
-
-// Whether gemm<float> runs chaingrad's own AVX-512 kernel (sgemm_avx512.cpp) instead of oneDNN:
-// by default on the shapes where it measured ahead of oneDNN on this project's 2-core machine
-// (2 threads; the two kernels interleaved call by call on the MLP's products at batch 1024, best
-// of 10-12 rounds, 9 runs; BENCHMARKS.md, "The products", has the figures and the commands):
-//  - A B (dX = G W) with m >= 512: own/oneDNN 1.04-1.10 at 1024x256x256 (session 4: 1.09-1.13 at
-//    m = 512 and 1024, 0.74-0.98 at m = 64 and 256);
-//  - A^T B (dW = G^T X) with n >= 2m and k >= 512: 0.93-1.07, median 1.03, at 256x784x1024, where
-//    C is cut into column blocks and each thread packs its part of the wide B inside its tiles.
-// oneDNN keeps the rest: A^T B at 256x256x1024 (row blocks; own/oneDNN 0.90-0.99), A B^T
-// (Y = X W^T: 0.96-1.00 at 1024x256x784, 0.99-1.01 at 1024x256x256) and any side under 32 (the
-// 10-logit layer: 0.81-0.98 for G^T X, 0.92-1.01 elsewhere).
-// The choice depends on the shape only, never on the thread count, and each kernel gives the same
-// bits for any thread count, so results do not depend on it.
+// Whether gemm<float> runs chaingrad's own AVX-512 kernel instead of oneDNN. Off unless
+// CHAINGRAD_SGEMM=own: on this project's 2-core machine the own kernel measured no faster than
+// oneDNN on two threads, the default (bench_gemm, quiet runs with the FMA peak at 454-472 GFLOP/s:
+// the eight MLP products at batch 1024 at 0.95-1.07x oneDNN's GFLOP/s; BM_MlpProduct own/oneDNN
+// on 2 threads: X W^T 1024x256x784 0.93-1.02, 1024x256x256 1.00-1.05, G W 1024x256x256 0.95-0.97;
+// on 1 thread 0.97-1.04, 0.98-1.04, 1.02-1.12). With CHAINGRAD_SGEMM=own it takes the shapes
+// where it measured ahead in interleaved A/B runs (own/oneDNN GFLOP/s, medians of 9-15 rounds):
+//  - A B (dX = G W) with m >= 512: 1.09-1.13 at m = 512 and 1024 (0.74-0.98 at m = 64, 256);
+//  - A B^T (Y = X W^T) with m >= 1024: 1.02-1.07 at m = 1024 (0.89-1.06 at 512, 0.85-1.0 below).
+// Never for A^T B (dW = G^T X: 0.85-1.06) or a side under 32 (the MLP's 10-logit layer: 0.4-0.8;
+// the own kernel spends most of its time packing the long operand, which serves only a few rows).
+// Session 5 sped up the own kernel's G^T X (panels packed inside the tiles) and looked for shapes
+// to give it by default; none measured faster where it counts, the MLP step's eight products in
+// sequence (bench_gemm BM_MlpGemmsChaingrad/1024, 2 threads, 8-10 interleaved rounds): own for
+// G W with m >= 512 and G^T X with n >= 2m gave 0.97-0.99x oneDNN's GFLOP/s, each alone 1.003x
+// and 0.997x, all within noise. Products in isolation disagreed between harnesses (G W
+// 1024x256x256 own/oneDNN 1.04-1.10 with hot operands called back to back, 0.98 in BM_MlpProduct),
+// so no default rests on them (BENCHMARKS.md, "The products").
+// The choice depends on the shape only, never on the thread count, so results stay the same for
+// any thread count. CHAINGRAD_SGEMM=onednn (or unset) keeps every product on oneDNN.
 bool use_own_sgemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k) {
-  if (!sgemm_avx512_available()) return false;
-  switch (sgemm_choice()) {
-    case SgemmChoice::kOwn:
-      return true;
-    case SgemmChoice::kOneDnn:
-      return false;
-    case SgemmChoice::kByShape:
-      break;
-  }
-  if (std::min({m, n, k}) < 32) return false;
-  if (ta) return !tb && n >= 2 * m && k >= 512;
-  return !tb && m >= 512;
+  static const bool own = [] {
+    const char* e = std::getenv("CHAINGRAD_SGEMM");
+    return sgemm_avx512_available() && e && std::string(e) == "own";
+  }();
+  if (!own || ta || std::min(n, k) < 32) return false;
+  return m >= (tb ? 1024 : 512);
 }
 
 }  // namespace

@@ -1,8 +1,7 @@
 #pragma once
-// C = alpha op(A) op(B) + beta C, row-major, BLAS semantics. float32 runs on oneDNN's sgemm or, on a
-// CPU with AVX-512F, on chaingrad's own kernel (sgemm_avx512.hpp) for the shapes where it measured
-// faster (gemm.cpp, use_own_sgemm; CHAINGRAD_SGEMM=own or =onednn forces one for every product);
-// float64 on OpenBLAS; split across chaingrad's thread pool (gemm.cpp says why).
+// C = alpha op(A) op(B) + beta C, row-major, BLAS semantics. float32 runs on oneDNN's sgemm (or, with
+// CHAINGRAD_SGEMM=own on a CPU with AVX-512F, on chaingrad's own kernel for some shapes:
+// sgemm_avx512.hpp), float64 on OpenBLAS, split across chaingrad's thread pool (gemm.cpp says why).
 #include <cstdint>
 
 namespace chaingrad::kernels {
@@ -20,7 +19,7 @@ void gemm_onednn(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std
 // about 30 ms on this project's machine, most of it for the first A^T B product. This runs one
 // product of each layout, so that a caller can pay that cost when it suits it (`chaingrad train`:
 // on another thread while the data set loads). Any thread may call it; only the first call works.
-// chaingrad's own kernel is compiled ahead of time and needs no warm-up.
+// chaingrad's own kernel (CHAINGRAD_SGEMM=own) is compiled ahead of time and needs no warm-up.
 void warm_up_gemm();
 
 }  // namespace chaingrad::kernels
