@@ -148,8 +148,8 @@ void vsoftplus(const float* x, float* y, std::int64_t n) {
 // takes 1 + erf(x/sqrt 2), which cancels: at x = -5 a float erf leaves about 10% error in gelu.
 // erfc(z), z >= 0, is the Chebyshev fit of Numerical Recipes' erfcc (fractional error below 1.2e-7
 // everywhere): erfc(z) = t exp(P(t) - z^2), t = 1 / (1 + z/2), with P of degree 9 below. P(t) - z^2
-// is one fused multiply-add, so the exponent is rounded once. One exp and no erf per element make
-// it faster than libmvec's erff as well: 1.2x forward, 1.1x backward on 1M floats.
+// is one fused multiply-add, so the exponent is rounded once. With one exp and no erf per element,
+// and the 16-lane exp inline, 1M floats take 0.72x the time of the erff form forward, 0.69x backward.
 namespace {
 constexpr float kSqrtHalf = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;
@@ -184,6 +184,21 @@ void gelu_backward_lanes1(const float* g, const float* x, float* out, std::int64
 #define CG_AVX512 __attribute__((target("avx512f")))
 #define CG_AVX2 __attribute__((target("avx2,fma")))
 namespace {
+// e^a for the exponents of gelu (a <= 0), inline: a call into libmvec's expf took a third of
+// gelu's time, with every vector register caller-saved. Cody-Waite reduction a = n ln 2 + r,
+// |r| <= ln 2 / 2, then e^r by its Taylor series to r^7 (truncation below 5e-9) and 2^n by scalef,
+// which also rounds the subnormal results correctly. Below -104 the result is 0 in float.
+CG_AVX512 inline __m512 exp_nonpositive16(__m512 a) {
+  a = _mm512_maskz_max_ps(0xFFFF, a, _mm512_set1_ps(-104.0f));
+  const __m512 n = _mm512_maskz_roundscale_ps(0xFFFF, _mm512_mul_ps(a, _mm512_set1_ps(1.44269504088896341f)),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), a);  // ln 2, high bits: n ln2_hi is exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-6f), r);      // and the rest
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_maskz_scalef_ps(0xFFFF, p, n);
+}
 // t = 1 / (1 + z/2) and the exponent P(t) - x^2/2 of erfc(z), z = |x|/sqrt 2.
 CG_AVX512 inline void erfc_terms16(__m512 x, __m512& t, __m512& arg) {
   // (abs, min and rcp14 spelled out: their intrinsics start from an undefined vector, which g++ 12
@@ -201,18 +216,23 @@ CG_AVX512 inline void erfc_terms16(__m512 x, __m512& t, __m512& arg) {
 CG_AVX512 inline __m512 normal_cdf16(__m512 x) {
   __m512 t, arg;
   erfc_terms16(x, t, arg);
-  const __m512 q = _mm512_mul_ps(_mm512_mul_ps(t, _mm512_set1_ps(0.5f)), _ZGVeN16v_expf(arg));
+  const __m512 q = _mm512_mul_ps(_mm512_mul_ps(t, _mm512_set1_ps(0.5f)), exp_nonpositive16(arg));
   const __mmask16 nonneg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ);
   return _mm512_mask_sub_ps(q, nonneg, _mm512_set1_ps(1.0f), q);
 }
 CG_AVX512 inline __m512 gelu16(__m512 x) { return _mm512_mul_ps(x, normal_cdf16(x)); }
 CG_AVX512 inline __m512 gelu_backward16(__m512 g, __m512 x) {
-  const __m512 pdf = _mm512_mul_ps(_ZGVeN16v_expf(_mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(-0.5f)), x)),
+  const __m512 pdf = _mm512_mul_ps(exp_nonpositive16(_mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(-0.5f)), x)),
                                    _mm512_set1_ps(kInvSqrt2Pi));
   return _mm512_mul_ps(g, _mm512_fmadd_ps(x, pdf, normal_cdf16(x)));
 }
 CG_AVX512 void gelu_lanes16(const float* x, float* y, std::int64_t n) {
   std::int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {  // two independent chains a step: 5% faster than one
+    const __m512 a = gelu16(_mm512_loadu_ps(x + i)), b = gelu16(_mm512_loadu_ps(x + i + 16));
+    _mm512_storeu_ps(y + i, a);
+    _mm512_storeu_ps(y + i + 16, b);
+  }
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, gelu16(_mm512_loadu_ps(x + i)));
   if (i < n) {
     const auto mask = static_cast<__mmask16>((1u << (n - i)) - 1);
