@@ -145,7 +145,7 @@ void vsoftplus(const float* x, float* y, std::int64_t n) {
 }
 
 // gelu goes through erfc rather than erf: x Phi(x) = x/2 erfc(-x/sqrt 2). For x < 0 the erf form
-// takes 1 + erf(x/sqrt 2), which cancels: at x = -5 a float erf leaves about 10% error in gelu.
+// takes 1 + erf(x/sqrt 2), which cancels: in float, gelu(-5) came out 17% low and gelu(-6) as 0.
 // erfc(z), z >= 0, is the Chebyshev fit of Numerical Recipes' erfcc (fractional error below 1.2e-7
 // everywhere): erfc(z) = t exp(P(t) - z^2), t = 1 / (1 + z/2), with P of degree 9 below. P(t) - z^2
 // is one fused multiply-add, so the exponent is rounded once. With one exp and no erf per element,
