@@ -340,11 +340,58 @@ TEST(VectorMath, MatchesDoublePrecisionWithinFourUlps) {
   EXPECT_TRUE(std::isnan(out));
 }
 
+// gelu and its backward at every width, against x Phi(x) in double with Phi from erfc, so that the
+// negative tail is checked in relative terms too (the erf form, 1 + erf(x/sqrt 2), cancels there).
+TEST(VectorMath, GeluAndItsBackwardMatchDoublePrecisionAtEveryWidth) {
+  std::vector<float> x;
+  for (int i = -6000; i <= 6000; ++i) x.push_back(static_cast<float>(i) * 0.0021f);  // [-12.6, 12.6]
+  for (float v : {1e-30f, -1e-30f, 1e-7f, -1e-7f, 30.0f, -30.0f, 1e4f, -1e4f}) x.push_back(v);
+  const auto n = static_cast<std::int64_t>(x.size());
+  std::vector<float> g(x.size());
+  for (std::size_t i = 0; i < g.size(); ++i) g[i] = 0.5f + static_cast<float>(i % 7) * 0.25f;
+  auto cdf = [](double v) { return 0.5 * std::erfc(-v * M_SQRT1_2); };
+  auto pdf = [](double v) { return std::exp(-0.5 * v * v) / std::sqrt(2 * M_PI); };
+  // Relative to the terms' size: the fit's 1.2e-7, a few roundings, and the rounding of the
+  // exponent near -x^2/2, which is 3e-8 x^2. The backward's terms cancel near x = -0.75.
+  auto close = [](float got, double want, double size, double v) {
+    const double rel = 6e-7 + 3e-8 * v * v;
+    return std::abs(static_cast<double>(got) - want) <= rel * size + std::numeric_limits<float>::denorm_min() * 4;
+  };
+  int widths = 0;
+  for (int lanes : {16, 8, 1}) {
+    const kc::ArrayFn fwd = kc::gelu_with_lanes(lanes);
+    const kc::GeluBackwardFn bwd = kc::gelu_backward_with_lanes(lanes);
+    ASSERT_EQ(fwd == nullptr, bwd == nullptr);
+    if (!fwd) continue;
+    ++widths;
+    for (std::int64_t len : {n, std::int64_t{13}, std::int64_t{5}}) {  // tails of each width
+      std::vector<float> y(static_cast<std::size_t>(len)), dx(static_cast<std::size_t>(len));
+      const float* xs = x.data() + (n - len);
+      const float* gs = g.data() + (n - len);
+      fwd(xs, y.data(), len);
+      bwd(gs, xs, dx.data(), len);
+      for (std::int64_t i = 0; i < len; ++i) {
+        const double v = xs[i];
+        EXPECT_TRUE(close(y[i], v * cdf(v), std::abs(v * cdf(v)), v)) << lanes << " lanes: gelu(" << v << ") = " << y[i];
+        EXPECT_TRUE(close(dx[i], gs[i] * (cdf(v) + v * pdf(v)), gs[i] * (cdf(v) + std::abs(v) * pdf(v)), v))
+            << lanes << " lanes: gelu'(" << v << ") g = " << dx[i];
+      }
+    }
+    const float special[] = {std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN(), 0.0f};
+    float out[3];
+    fwd(special, out, 3);
+    EXPECT_EQ(out[0], std::numeric_limits<float>::infinity());
+    EXPECT_TRUE(std::isnan(out[1]));
+    EXPECT_EQ(out[2], 0.0f);
+  }
+  EXPECT_GE(widths, 1);
+}
+
 // Every length (the vector tails), cut anywhere, in place or not: the same bits as one call.
 TEST(VectorMath, ResultsDoNotDependOnLengthCutsOrAliasing) {
   std::vector<float> x(300);
   for (std::size_t i = 0; i < x.size(); ++i) x[i] = std::sin(static_cast<float>(i)) * 12.0f;  // log: NaN below 0
-  for (auto fn : {kc::vexp, kc::vtanh, kc::vsigmoid, kc::vlog, kc::verf, kc::vlog1p, kc::vexpm1, kc::vsoftplus}) {
+  for (auto fn : {kc::vexp, kc::vtanh, kc::vsigmoid, kc::vlog, kc::verf, kc::vlog1p, kc::vexpm1, kc::vsoftplus, kc::vgelu}) {
     std::vector<float> whole(x.size());
     fn(x.data(), whole.data(), static_cast<std::int64_t>(x.size()));
     for (std::int64_t len = 0; len <= 40; ++len) {

@@ -144,36 +144,177 @@ void vsoftplus(const float* x, float* y, std::int64_t n) {
   });
 }
 
+// gelu goes through erfc rather than erf: x Phi(x) = x/2 erfc(-x/sqrt 2). For x < 0 the erf form
+// takes 1 + erf(x/sqrt 2), which cancels: in float, gelu(-5) came out 17% low and gelu(-6) as 0.
+// erfc(z), z >= 0, is the Chebyshev fit of Numerical Recipes' erfcc (fractional error below 1.2e-7
+// everywhere): erfc(z) = t exp(P(t) - z^2), t = 1 / (1 + z/2), with P of degree 9 below. P(t) - z^2
+// is one fused multiply-add, so the exponent is rounded once. With one exp and no erf per element,
+// and the 16-lane exp inline, 1M floats take 0.72x the time of the erff form forward, 0.69x backward.
 namespace {
 constexpr float kSqrtHalf = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;
-constexpr std::int64_t kBlock = 512;  // scratch per block stays in L1
+constexpr float kErfcFit[10] = {-1.26551223f, 1.00002368f, 0.37409196f, 0.09678418f, -0.18628806f,
+                                0.27886807f,  -1.13520398f, 1.48851587f, -0.82215223f, 0.17087277f};
+// t is bounded away from 0 for the fit; beyond z = 20, erfc(z) is far below the smallest float.
+constexpr float kMaxZ = 20.0f;
+
+// Phi(-|x|) = erfc(|x|/sqrt 2)/2 for one element, in the same steps as the vector versions.
+float half_erfc_scalar(float x) {
+  const float z = std::min(std::abs(x) * kSqrtHalf, kMaxZ);
+  const float t = 1.0f / (1.0f + 0.5f * z);
+  float p = kErfcFit[9];
+  for (int i = 8; i >= 0; --i) p = std::fma(p, t, kErfcFit[i]);
+  return 0.5f * t * std::exp(std::fma(-0.5f * x, x, p));
+}
+void gelu_lanes1(const float* x, float* y, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i) {
+    const float q = half_erfc_scalar(x[i]);
+    y[i] = x[i] * (x[i] >= 0.0f ? 1.0f - q : q);
+  }
+}
+void gelu_backward_lanes1(const float* g, const float* x, float* out, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i) {
+    const float q = half_erfc_scalar(x[i]);
+    const float pdf = std::exp(-0.5f * x[i] * x[i]) * kInvSqrt2Pi;
+    out[i] = g[i] * ((x[i] >= 0.0f ? 1.0f - q : q) + x[i] * pdf);
+  }
+}
 }  // namespace
 
-void vgelu(const float* x, float* y, std::int64_t n) {
-  alignas(64) float t[kBlock];
-  for (std::int64_t i0 = 0; i0 < n; i0 += kBlock) {
-    const std::int64_t m = std::min(kBlock, n - i0);
-    for (std::int64_t j = 0; j < m; ++j) t[j] = x[i0 + j] * kSqrtHalf;
-    verf(t, t, m);
-    for (std::int64_t j = 0; j < m; ++j) y[i0 + j] = 0.5f * x[i0 + j] * (1.0f + t[j]);
+#define CG_AVX512 __attribute__((target("avx512f")))
+#define CG_AVX2 __attribute__((target("avx2,fma")))
+namespace {
+// e^a for the exponents of gelu (a <= 0), inline: a call into libmvec's expf took a third of
+// gelu's time, with every vector register caller-saved. Cody-Waite reduction a = n ln 2 + r,
+// |r| <= ln 2 / 2, then e^r by its Taylor series to r^7 (truncation below 5e-9) and 2^n by scalef,
+// which also rounds the subnormal results correctly. Below -104 the result is 0 in float.
+CG_AVX512 inline __m512 exp_nonpositive16(__m512 a) {
+  a = _mm512_maskz_max_ps(0xFFFF, a, _mm512_set1_ps(-104.0f));
+  const __m512 n = _mm512_maskz_roundscale_ps(0xFFFF, _mm512_mul_ps(a, _mm512_set1_ps(1.44269504088896341f)),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), a);  // ln 2, high bits: n ln2_hi is exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-6f), r);      // and the rest
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_maskz_scalef_ps(0xFFFF, p, n);
+}
+// t = 1 / (1 + z/2) and the exponent P(t) - x^2/2 of erfc(z), z = |x|/sqrt 2.
+CG_AVX512 inline void erfc_terms16(__m512 x, __m512& t, __m512& arg) {
+  // (abs, min and rcp14 spelled out: their intrinsics start from an undefined vector, which g++ 12
+  // warns about)
+  const __m512 abs_x = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff)));
+  const __m512 z = _mm512_maskz_min_ps(0xFFFF, _mm512_mul_ps(abs_x, _mm512_set1_ps(kSqrtHalf)), _mm512_set1_ps(kMaxZ));
+  const __m512 d = _mm512_fmadd_ps(z, _mm512_set1_ps(0.5f), _mm512_set1_ps(1.0f));
+  t = _mm512_maskz_rcp14_ps(0xFFFF, d);  // 14 bits; one Newton step gives 28
+  t = _mm512_mul_ps(t, _mm512_fnmadd_ps(d, t, _mm512_set1_ps(2.0f)));
+  __m512 p = _mm512_set1_ps(kErfcFit[9]);
+  for (int i = 8; i >= 0; --i) p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(kErfcFit[i]));
+  arg = _mm512_fmadd_ps(_mm512_mul_ps(x, _mm512_set1_ps(-0.5f)), x, p);
+}
+// Phi(x), from Phi(-|x|) = t exp(arg) / 2.
+CG_AVX512 inline __m512 normal_cdf16(__m512 x) {
+  __m512 t, arg;
+  erfc_terms16(x, t, arg);
+  const __m512 q = _mm512_mul_ps(_mm512_mul_ps(t, _mm512_set1_ps(0.5f)), exp_nonpositive16(arg));
+  const __mmask16 nonneg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ);
+  return _mm512_mask_sub_ps(q, nonneg, _mm512_set1_ps(1.0f), q);
+}
+CG_AVX512 inline __m512 gelu16(__m512 x) { return _mm512_mul_ps(x, normal_cdf16(x)); }
+CG_AVX512 inline __m512 gelu_backward16(__m512 g, __m512 x) {
+  const __m512 pdf = _mm512_mul_ps(exp_nonpositive16(_mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(-0.5f)), x)),
+                                   _mm512_set1_ps(kInvSqrt2Pi));
+  return _mm512_mul_ps(g, _mm512_fmadd_ps(x, pdf, normal_cdf16(x)));
+}
+CG_AVX512 void gelu_lanes16(const float* x, float* y, std::int64_t n) {
+  std::int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {  // two independent chains a step: 5% faster than one
+    const __m512 a = gelu16(_mm512_loadu_ps(x + i)), b = gelu16(_mm512_loadu_ps(x + i + 16));
+    _mm512_storeu_ps(y + i, a);
+    _mm512_storeu_ps(y + i + 16, b);
+  }
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, gelu16(_mm512_loadu_ps(x + i)));
+  if (i < n) {
+    const auto mask = static_cast<__mmask16>((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(y + i, mask, gelu16(_mm512_maskz_loadu_ps(mask, x + i)));
+  }
+}
+CG_AVX512 void gelu_backward_lanes16(const float* g, const float* x, float* out, std::int64_t n) {
+  std::int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(out + i, gelu_backward16(_mm512_loadu_ps(g + i), _mm512_loadu_ps(x + i)));
+  if (i < n) {
+    const auto mask = static_cast<__mmask16>((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(out + i, mask,
+                          gelu_backward16(_mm512_maskz_loadu_ps(mask, g + i), _mm512_maskz_loadu_ps(mask, x + i)));
   }
 }
 
-void vgelu_backward(const float* g, const float* x, float* out, std::int64_t n) {
-  alignas(64) float cdf[kBlock], pdf[kBlock];
-  for (std::int64_t i0 = 0; i0 < n; i0 += kBlock) {
-    const std::int64_t m = std::min(kBlock, n - i0);
-    const float* xb = x + i0;
-    for (std::int64_t j = 0; j < m; ++j) {
-      cdf[j] = xb[j] * kSqrtHalf;
-      pdf[j] = -0.5f * xb[j] * xb[j];
-    }
-    verf(cdf, cdf, m);
-    vexp(pdf, pdf, m);
-    for (std::int64_t j = 0; j < m; ++j)
-      out[i0 + j] = g[i0 + j] * (0.5f * (1.0f + cdf[j]) + xb[j] * pdf[j] * kInvSqrt2Pi);
+CG_AVX2 inline __m256 normal_cdf8(__m256 x) {
+  const __m256 abs_x = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+  const __m256 z = _mm256_min_ps(_mm256_mul_ps(abs_x, _mm256_set1_ps(kSqrtHalf)), _mm256_set1_ps(kMaxZ));
+  const __m256 d = _mm256_fmadd_ps(z, _mm256_set1_ps(0.5f), _mm256_set1_ps(1.0f));
+  __m256 t = _mm256_rcp_ps(d);  // 12 bits; one Newton step gives 24
+  t = _mm256_mul_ps(t, _mm256_fnmadd_ps(d, t, _mm256_set1_ps(2.0f)));
+  __m256 p = _mm256_set1_ps(kErfcFit[9]);
+  for (int i = 8; i >= 0; --i) p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(kErfcFit[i]));
+  const __m256 e = _ZGVdN8v_expf(_mm256_fmadd_ps(_mm256_mul_ps(x, _mm256_set1_ps(-0.5f)), x, p));
+  const __m256 q = _mm256_mul_ps(_mm256_mul_ps(t, _mm256_set1_ps(0.5f)), e);
+  const __m256 nonneg = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ);
+  return _mm256_blendv_ps(q, _mm256_sub_ps(_mm256_set1_ps(1.0f), q), nonneg);
+}
+CG_AVX2 inline __m256 gelu8(__m256 x) { return _mm256_mul_ps(x, normal_cdf8(x)); }
+CG_AVX2 inline __m256 gelu_backward8(__m256 g, __m256 x) {
+  const __m256 pdf = _mm256_mul_ps(_ZGVdN8v_expf(_mm256_mul_ps(_mm256_mul_ps(x, _mm256_set1_ps(-0.5f)), x)),
+                                   _mm256_set1_ps(kInvSqrt2Pi));
+  return _mm256_mul_ps(g, _mm256_fmadd_ps(x, pdf, normal_cdf8(x)));
+}
+// Tails go through the same lanes, padded, as in map8.
+CG_AVX2 void gelu_lanes8(const float* x, float* y, std::int64_t n) {
+  std::int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, gelu8(_mm256_loadu_ps(x + i)));
+  if (i < n) {
+    alignas(32) float pad[8] = {};
+    std::copy(x + i, x + n, pad);
+    _mm256_store_ps(pad, gelu8(_mm256_load_ps(pad)));
+    std::copy(pad, pad + (n - i), y + i);
   }
+}
+CG_AVX2 void gelu_backward_lanes8(const float* g, const float* x, float* out, std::int64_t n) {
+  std::int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, gelu_backward8(_mm256_loadu_ps(g + i), _mm256_loadu_ps(x + i)));
+  if (i < n) {
+    alignas(32) float pg[8] = {}, px[8] = {};
+    std::copy(g + i, g + n, pg);
+    std::copy(x + i, x + n, px);
+    _mm256_store_ps(pg, gelu_backward8(_mm256_load_ps(pg), _mm256_load_ps(px)));
+    std::copy(pg, pg + (n - i), out + i);
+  }
+}
+}  // namespace
+#undef CG_AVX512
+#undef CG_AVX2
+
+ArrayFn gelu_with_lanes(int lanes) {
+  if (lanes == 16) return has_avx512() ? gelu_lanes16 : nullptr;
+  if (lanes == 8) return has_avx2() ? gelu_lanes8 : nullptr;
+  return lanes == 1 ? gelu_lanes1 : nullptr;
+}
+GeluBackwardFn gelu_backward_with_lanes(int lanes) {
+  if (lanes == 16) return has_avx512() ? gelu_backward_lanes16 : nullptr;
+  if (lanes == 8) return has_avx2() ? gelu_backward_lanes8 : nullptr;
+  return lanes == 1 ? gelu_backward_lanes1 : nullptr;
+}
+
+void vgelu(const float* x, float* y, std::int64_t n) {
+  static const ArrayFn f = has_avx512() ? gelu_lanes16 : has_avx2() ? gelu_lanes8 : gelu_lanes1;
+  f(x, y, n);
+}
+void vgelu_backward(const float* g, const float* x, float* out, std::int64_t n) {
+  static const GeluBackwardFn f =
+      has_avx512() ? gelu_backward_lanes16 : has_avx2() ? gelu_backward_lanes8 : gelu_backward_lanes1;
+  f(g, x, out, n);
 }
 
 }  // namespace chaingrad::kernels
