@@ -4,6 +4,7 @@
 // threads (what PyTorch calls), next to the machine's fp32 FMA peak
 // measured in the same run. Counters: GFLOP/s, and peak% = GFLOP/s over the peak for as many
 // threads as the products use (CHAINGRAD_NUM_THREADS / --threads; all cores by default).
+// BM_MlpStepProducts measures the same products inside real training steps.
 #include <benchmark/benchmark.h>
 #include <cblas.h>
 
@@ -128,6 +129,46 @@ BENCHMARK(BM_MlpProduct)
     ->ArgsProduct({{64, 256, 1024}, {0, 1, 2, 3, 4, 5, 6, 7}, {0, 1}})
     ->UseRealTime()
     ->MinTime(0.2);
+
+// The products inside real training steps of the MLP (nn::Sequential, cross_entropy, SGD), as
+// `chaingrad train` runs them: each step gathers a shuffled batch out of 60,000 rows, as the
+// DataLoader does, so the operands are where a step leaves them rather than hot in a loop of their
+// own. gemm<T>'s profile gives the products' wall time; counters: their GFLOP/s, peak%, and
+// products% = their share of the step's time.
+void BM_MlpStepProducts(benchmark::State& state) {
+  const std::int64_t B = state.range(0), rows = 60000;
+  cg::Generator gen(7);
+  cg::nn::Sequential net{cg::nn::Linear(784, 256, true, &gen), cg::nn::ReLU(), cg::nn::Linear(256, 256, true, &gen),
+                         cg::nn::ReLU(), cg::nn::Linear(256, 10, true, &gen)};
+  cg::optim::SGD opt(net.parameters(), {.lr = 0.01});
+  const cg::Tensor data = cg::rand({rows, 784}, {}, &gen), labels = cg::randint(0, 10, {rows}, &gen);
+  const cg::Tensor order = cg::randperm(rows, &gen);
+  std::int64_t next = 0;
+  auto step = [&] {
+    if (next + B > rows) next = 0;
+    const cg::Tensor idx = order.slice(0, next, next + B);
+    next += B;
+    const cg::Tensor x = cg::index_select(data, 0, idx), y = cg::index_select(labels, 0, idx);
+    opt.zero_grad();
+    cg::cross_entropy(net.forward(x), y).backward();
+    opt.step();
+  };
+  const double peak = bench::fma_peak_gflops();
+  kc::warm_up_gemm();
+  for (int i = 0; i < 3; ++i) step();
+  kc::set_gemm_profiling(true);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (auto _ : state) step();
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const kc::GemmProfile prof = kc::gemm_profile();
+  kc::set_gemm_profiling(false);
+  const double gflops = prof.flops / prof.seconds / 1e9;
+  state.counters["GFLOP/s"] = gflops;
+  state.counters["peak%"] = 100 * gflops / peak;
+  state.counters["products%"] = 100 * prof.seconds / s;
+  state.counters["products/step"] = static_cast<double>(prof.calls) / static_cast<double>(state.iterations());
+}
+BENCHMARK(BM_MlpStepProducts)->Arg(64)->Arg(256)->Arg(1024)->UseRealTime()->MinTime(1.0);
 
 void BM_MlpGemmsOpenBlas(benchmark::State& state) {
   const auto ps = mlp_products(state.range(0));

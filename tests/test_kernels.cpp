@@ -116,6 +116,30 @@ TEST(Gemm, EmptySumScalesCAndBetaZeroOverwritesNan) {
   EXPECT_EQ(d, (std::vector<double>{0.5, 1, 1.5, 2}));
 }
 
+// The profile counts each product once, with its 2 m n k flops, only while it is on, and switching
+// it on starts the totals afresh.
+TEST(Gemm, ProfileCountsProductsOnlyWhileOn) {
+  std::vector<float> a(37 * 29, 0.5f), b(29 * 41, 0.25f), c(37 * 41);
+  auto product = [&] { kc::gemm<float>(false, false, 37, 41, 29, 1.f, a.data(), 29, b.data(), 41, 0.f, c.data(), 41); };
+  product();
+  kc::set_gemm_profiling(true);
+  product();
+  std::vector<double> ad(a.begin(), a.end()), bd(b.begin(), b.end()), cd(c.size());
+  kc::gemm<double>(false, false, 37, 41, 29, 1.0, ad.data(), 29, bd.data(), 41, 0.0, cd.data(), 41);
+  kc::GemmProfile p = kc::gemm_profile();
+  EXPECT_EQ(p.calls, 2u);
+  EXPECT_EQ(p.flops, 2 * 2.0 * 37 * 41 * 29);
+  EXPECT_GT(p.seconds, 0.0);
+  kc::set_gemm_profiling(false);
+  product();
+  EXPECT_EQ(kc::gemm_profile().calls, 2u);
+  kc::set_gemm_profiling(true);
+  EXPECT_EQ(kc::gemm_profile().calls, 0u);
+  EXPECT_EQ(kc::gemm_profile().seconds, 0.0);
+  kc::set_gemm_profiling(false);
+  EXPECT_FLOAT_EQ(c[0], 29 * 0.125f);
+}
+
 TEST(Gemm, ProductsFromTwoUserThreadsAtOnceAreBothRight) {
   // One thread gets the pool, the other runs inline; both must get the full product.
   std::vector<std::thread> users;

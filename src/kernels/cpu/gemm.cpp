@@ -4,6 +4,8 @@
 #include <dnnl.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <mutex>
 #include <string>
@@ -128,17 +130,43 @@ bool use_own_sgemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_
   return m >= (tb ? 1024 : 512);
 }
 
+std::atomic<bool> profiling{false};
+std::atomic<std::uint64_t> profiled_calls{0}, profiled_flops{0}, profiled_ns{0};
+
 }  // namespace
+
+void set_gemm_profiling(bool on) {
+  if (on) {
+    profiled_calls = 0;
+    profiled_flops = 0;
+    profiled_ns = 0;
+  }
+  profiling.store(on, std::memory_order_relaxed);
+}
+
+GemmProfile gemm_profile() {
+  return {profiled_calls.load(), static_cast<double>(profiled_flops.load()), static_cast<double>(profiled_ns.load()) * 1e-9};
+}
 
 template <class T>
 void gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* a, std::int64_t lda,
           const T* b, std::int64_t ldb, T beta, T* c, std::int64_t ldc) {
   if (m == 0 || n == 0) return;
   if (k == 0) return scale_only(m, n, beta, c, ldc);
-  if constexpr (std::is_same_v<T, float>) {
-    if (use_own_sgemm(ta, tb, m, n, k)) return sgemm_avx512(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  }
-  split_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  auto run = [&] {
+    if constexpr (std::is_same_v<T, float>) {
+      if (use_own_sgemm(ta, tb, m, n, k)) return sgemm_avx512(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    }
+    split_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  };
+  if (!profiling.load(std::memory_order_relaxed)) [[likely]]
+    return run();
+  const auto t0 = std::chrono::steady_clock::now();
+  run();
+  const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0);
+  profiled_calls.fetch_add(1, std::memory_order_relaxed);
+  profiled_flops.fetch_add(static_cast<std::uint64_t>(2 * m * n * k), std::memory_order_relaxed);
+  profiled_ns.fetch_add(static_cast<std::uint64_t>(ns.count()), std::memory_order_relaxed);
 }
 
 void gemm_onednn(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,

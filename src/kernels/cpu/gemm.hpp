@@ -15,6 +15,19 @@ void gemm_onednn(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std
                  const float* a, std::int64_t lda, const float* b, std::int64_t ldb, float beta, float* c,
                  std::int64_t ldc);
 
+// The time and work of the products since profiling was last switched on, so that a benchmark can
+// measure the products inside a real training step rather than in a loop of their own (the
+// operands are then where the step leaves them, in cache or not). Off by default, when a product
+// pays one relaxed atomic load for it. Products that run at the same time on several threads (the
+// convolution's per-sample ones) each add their own wall time, so `seconds` may exceed the elapsed time.
+struct GemmProfile {
+  std::uint64_t calls = 0;
+  double flops = 0;    // 2 m n k per product
+  double seconds = 0;  // wall time inside gemm<T>, summed over calls
+};
+void set_gemm_profiling(bool on);  // on: also clears the totals
+GemmProfile gemm_profile();
+
 // oneDNN generates the machine code of its sgemm kernels the first time each kind of product runs:
 // about 30 ms on this project's machine, most of it for the first A^T B product. This runs one
 // product of each layout, so that a caller can pay that cost when it suits it (`chaingrad train`:
