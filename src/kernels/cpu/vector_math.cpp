@@ -187,7 +187,8 @@ namespace {
 // e^a for the exponents of gelu (a <= 0), inline: a call into libmvec's expf took a third of
 // gelu's time, with every vector register caller-saved. Cody-Waite reduction a = n ln 2 + r,
 // |r| <= ln 2 / 2, then e^r by its Taylor series to r^7 (truncation below 5e-9) and 2^n by scalef,
-// which also rounds the subnormal results correctly. Below -104 the result is 0 in float.
+// which also rounds the subnormal results correctly. Exponents below -104, where e^a is under the
+// smallest subnormal float, are clamped to it.
 CG_AVX512 inline __m512 exp_nonpositive16(__m512 a) {
   a = _mm512_maskz_max_ps(0xFFFF, a, _mm512_set1_ps(-104.0f));
   const __m512 n = _mm512_maskz_roundscale_ps(0xFFFF, _mm512_mul_ps(a, _mm512_set1_ps(1.44269504088896341f)),
@@ -206,7 +207,7 @@ CG_AVX512 inline void erfc_terms16(__m512 x, __m512& t, __m512& arg) {
   const __m512 abs_x = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff)));
   const __m512 z = _mm512_maskz_min_ps(0xFFFF, _mm512_mul_ps(abs_x, _mm512_set1_ps(kSqrtHalf)), _mm512_set1_ps(kMaxZ));
   const __m512 d = _mm512_fmadd_ps(z, _mm512_set1_ps(0.5f), _mm512_set1_ps(1.0f));
-  t = _mm512_maskz_rcp14_ps(0xFFFF, d);  // 14 bits; one Newton step gives 28
+  t = _mm512_maskz_rcp14_ps(0xFFFF, d);  // 14 bits; one Newton step gives full float precision
   t = _mm512_mul_ps(t, _mm512_fnmadd_ps(d, t, _mm512_set1_ps(2.0f)));
   __m512 p = _mm512_set1_ps(kErfcFit[9]);
   for (int i = 8; i >= 0; --i) p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(kErfcFit[i]));
