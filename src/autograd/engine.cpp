@@ -3,6 +3,7 @@
 // reduction and dtype restoration for every input gradient (pattern 3: the engine owns plumbing).
 #include <algorithm>
 #include <memory>
+#include <optional>
 #include <span>
 #include <unordered_map>
 
@@ -30,7 +31,7 @@ class Engine {
   // Work lists reused across calls so a backward allocates nothing once warm; one set per
   // nesting level, since a hook may itself call backward.
   struct Scratch {
-    std::vector<Node*> nodes, stack, seeded;
+    std::vector<Node*> nodes, seeded;
     std::vector<Ready> heap;  // a max-heap on sequence_nr: the most recent op runs first
   };
   static Scratch& acquire_scratch(int depth) {
@@ -38,7 +39,6 @@ class Engine {
     while (static_cast<int>(pool.size()) <= depth) pool.push_back(std::make_unique<Scratch>());
     Scratch& s = *pool[depth];
     s.nodes.clear();
-    s.stack.clear();
     s.seeded.clear();
     s.heap.clear();
     return s;
@@ -65,25 +65,21 @@ class Engine {
       }
     } reset{nodes};
 
-    // 1. Discover the graph and count, for each node, the edges that point into it.
-    std::vector<Node*>& stack = scratch.stack;
+    // 1. Discover the graph and count, for each node, the edges that point into it. `nodes` is its
+    // own work list (breadth first): each node is visited once, in the order it was found.
     for (const auto& r : roots) {
       if (!r->visited_) {
         r->visited_ = true;
         nodes.push_back(r.get());
-        stack.push_back(r.get());
       }
     }
-    while (!stack.empty()) {
-      Node* n = stack.back();
-      stack.pop_back();
-      for (const auto& e : n->next_edges_) {
+    for (std::size_t i = 0; i < nodes.size(); ++i) {
+      for (const auto& e : nodes[i]->next_edges_) {
         if (!e) continue;
         e->dependencies_++;
         if (!e->visited_) {
           e->visited_ = true;
           nodes.push_back(e.get());
-          stack.push_back(e.get());
         }
       }
     }
@@ -167,7 +163,9 @@ class Engine {
       }
     }
     if (opt.observer) opt.observer->on_node(node, grad);
-    detail::RunningNode running(owner);
+    // Only create_graph re-attaches saved outputs, so only it needs the node marked as running.
+    std::optional<detail::RunningNode> running;
+    if (opt.create_graph) running.emplace(owner);
     GradList grads = node.apply(std::move(grad));
     if (!opt.retain_graph) {
       node.release_saved();

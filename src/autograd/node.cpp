@@ -122,8 +122,11 @@ const Tensor& SavedTensor::unpack(const Node& owner) const {
            "); clone it before modifying it, or modify it before using it");
   if (!reattach_ || !GradMode::is_enabled()) return data_;
   // create_graph: give the output back its place in the graph so gradients can flow through it.
+  // Grad mode on outside a create_graph backward (a hook that enables it, say): no graph is being
+  // built for this node, so the detached output is the answer.
   detail::RunningNode* running = detail::RunningNode::current();
-  CG_CHECK(running && running->owner().get() == &owner, InternalError, owner.name(),
+  if (!running) return data_;
+  CG_CHECK(running->owner().get() == &owner, InternalError, owner.name(),
            ": a saved output was unpacked outside its node's backward");
   if (!reattached_.defined()) {
     reattached_ = data_.detach();
