@@ -67,6 +67,7 @@ struct ObjectCacheReaper {
   ~ObjectCacheReaper() {
     allocator::pool::Cache& c = allocator::pool::cache;
     c.dead = true;
+    c.armed = false;
     for (std::size_t i = 0; i < allocator::pool::kClasses; ++i) {
       while (allocator::pool::FreeBlock* b = c.head[i]) {
         c.head[i] = b->next;
@@ -167,8 +168,15 @@ void empty_cache() {
 namespace pool {
 thread_local constinit Cache cache{};
 
+namespace {
+void arm() {
+  object_cache_reaper.armed = true;  // first touch of the thread_local registers the reaper
+  cache.armed = true;
+}
+}  // namespace
+
 void* allocate_slow(std::size_t cls) {
-  if (!cache.dead) object_cache_reaper.armed = true;  // first touch registers the reaper
+  if (!cache.dead) arm();
   return ::operator new((cls + 1) * kGranule);
 }
 
@@ -176,7 +184,7 @@ void deallocate_slow(void* p, std::size_t cls) noexcept {
   if (!p) return;
   Cache& c = cache;
   if (c.dead || c.count[cls] >= kListCap) return ::operator delete(p);
-  object_cache_reaper.armed = true;  // a thread that only frees needs it too
+  arm();  // a thread that only frees needs it too
   auto* b = static_cast<FreeBlock*>(p);
   b->next = c.head[cls];
   c.head[cls] = b;
@@ -186,10 +194,36 @@ void deallocate_slow(void* p, std::size_t cls) noexcept {
 
 }  // namespace allocator
 
-Storage::Storage(std::size_t nbytes)
-    : data_(nbytes <= kInlineBytes ? static_cast<void*>(inline_) : allocator::allocate(nbytes)), nbytes_(nbytes) {}
+Storage::Storage(std::size_t nbytes, void* block, std::size_t block_bytes)
+    : data_(nbytes <= kInlineBytes ? static_cast<void*>(inline_) : allocator::allocate(nbytes)),
+      nbytes_(nbytes),
+      block_(block),
+      block_bytes_(block_bytes) {}
 Storage::~Storage() {
   if (data_ != inline_) allocator::deallocate(data_, nbytes_);
+}
+
+StoragePtr Storage::make(std::size_t nbytes) {
+  void* block = allocator::allocate_object(sizeof(Storage));
+  try {
+    return StoragePtr::adopt(new (block) Storage(nbytes, block, sizeof(Storage)));
+  } catch (...) {
+    allocator::deallocate_object(block, sizeof(Storage));
+    throw;
+  }
+}
+
+Storage* Storage::make_in(void* at, std::size_t nbytes, void* block, std::size_t block_bytes) {
+  auto* s = new (at) Storage(nbytes, block, block_bytes);
+  s->refs_.store(1 + kHeadReference, std::memory_order_relaxed);
+  return s;
+}
+
+void Storage::destroy() noexcept {
+  void* block = block_;
+  const std::size_t bytes = block_bytes_;
+  this->~Storage();
+  allocator::deallocate_object(block, bytes);
 }
 
 }  // namespace chaingrad

@@ -89,9 +89,10 @@ void Tensor::retain_grad() const {
   CG_CHECK(requires_grad(), AutogradError, "retain_grad: the tensor does not require grad");
   if (is_leaf() || impl_->retains_grad) return;
   impl_->retains_grad = true;
-  std::weak_ptr<TensorImpl> weak = impl_;
-  impl_->grad_fn->pre_hooks().push_back([weak](const Tensor& g) {
-    if (auto self = weak.lock()) {
+  std::shared_ptr<TensorImpl*>& cell = impl_->extra().self_cell;
+  if (!cell) cell = std::make_shared<TensorImpl*>(impl_.get());
+  impl_->grad_fn->pre_hooks().push_back([cell = cell](const Tensor& g) {
+    if (TensorImpl* self = *cell) {
       if (!self->grad_impl) {
         self->grad_impl = g.detach().clone().impl_ptr();
       } else {
@@ -104,13 +105,59 @@ void Tensor::retain_grad() const {
   });
 }
 
+// ---------------------------------------------------------------- heads
+namespace {
+// make_with_storage's block: the head, then its storage at a 16-byte boundary.
+constexpr std::size_t kHeadBytes = (sizeof(TensorImpl) + 15) / 16 * 16;
+constexpr std::size_t kHeadWithStorageBytes = kHeadBytes + sizeof(Storage);
+static_assert(kHeadWithStorageBytes <= allocator::kMaxPooledObject);
+}  // namespace
+
+ImplPtr TensorImpl::make() {
+  return ImplPtr::adopt(new (allocator::allocate_object(sizeof(TensorImpl))) TensorImpl());
+}
+
+ImplPtr TensorImpl::make_with_storage(std::size_t nbytes) {
+  if (nbytes > Storage::kInlineBytes) {
+    StoragePtr storage = Storage::make(nbytes);
+    ImplPtr t = make();
+    t->storage = std::move(storage);
+    return t;
+  }
+  void* block = allocator::allocate_object(kHeadWithStorageBytes);
+  auto* t = new (block) TensorImpl();
+  // (inline data: constructing the storage allocates nothing and cannot throw)
+  Storage* s = Storage::make_in(static_cast<char*>(block) + kHeadBytes, nbytes, block, kHeadWithStorageBytes);
+  t->storage = StoragePtr::adopt(s);
+  t->own_storage_ = s;
+  return ImplPtr::adopt(t);
+}
+
+TensorImpl::~TensorImpl() {
+  // The accumulator may outlive the leaf (graphs keep it); it must stop reaching for it.
+  if (grad_accumulator) static_cast<AccumulateGrad&>(*grad_accumulator).forget_leaf();
+  if (extras && extras->self_cell) *extras->self_cell = nullptr;
+}
+
+void TensorImpl::destroy() noexcept {
+  Storage* own = own_storage_;
+  Storage* held = storage.release();  // dropped below, with the head's own reference when it is that one
+  void* block = this;
+  this->~TensorImpl();
+  if (held && held != own) intrusive_release(held);
+  if (own)
+    own->release_head_reference(held == own ? 1 : 0);  // frees the block unless a view still uses the storage
+  else
+    allocator::deallocate_object(block, sizeof(TensorImpl));
+}
+
 const std::string& TensorImpl::name() const {
   static const std::string unnamed;
   return extras ? extras->name : unnamed;
 }
 
 Tensor Tensor::detach() const {
-  auto impl = detail::make_pooled<TensorImpl>();
+  ImplPtr impl = TensorImpl::make();
   impl->storage = impl_->storage;
   impl->shape = impl_->shape;
   impl->strides = impl_->strides;
@@ -313,10 +360,11 @@ std::ostream& operator<<(std::ostream& os, const Tensor& t) { return os << t.to_
 Tensor empty(const Dims& shape, DType dtype) {
   for (int i = 0; i < shape.size(); ++i)
     CG_CHECK(shape[i] >= 0, ShapeError, "empty: negative dimension ", shape[i], " in shape ", shape);
-  auto impl = detail::make_pooled<TensorImpl>();
-  impl->storage = detail::make_pooled<Storage>(static_cast<std::size_t>(shape.numel()) * element_size(dtype));
+  const std::size_t nbytes = static_cast<std::size_t>(shape.numel()) * element_size(dtype);
+  const Dims strides = contiguous_strides(shape);
+  ImplPtr impl = TensorImpl::make_with_storage(nbytes);
   impl->shape = shape;
-  impl->strides = contiguous_strides(shape);
+  impl->strides = strides;
   impl->dtype = dtype;
   return Tensor(std::move(impl));
 }

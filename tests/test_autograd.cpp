@@ -449,3 +449,53 @@ TEST(ScalarFastPath, GraphsCrossThreads) {
   }).join();
   EXPECT_DOUBLE_EQ(w.grad().item(), 2000.0);
 }
+
+// A tensor of at most 32 bytes has its head, storage and data in one block. The block must stay
+// while a view, a saved alias or a reassigned head still uses the data, and go with the last of
+// them (AddressSanitizer, in CI, reports any use after free here).
+TEST(ScalarFastPath, SharedBlockOutlivesItsHead) {
+  Tensor view, alias;
+  {
+    Tensor t = cg::tensor({1.0, 2.0, 3.0});  // 24 bytes: inline
+    view = t.slice(0, 1, 3);
+    alias = t.detach();
+    EXPECT_EQ(t.storage().use_count(), 3);  // (the head's own hold on its block is not a user)
+  }
+  EXPECT_EQ(view.storage().use_count(), 2);
+  EXPECT_EQ(view.at({1}), 3.0);
+  alias.fill_(7.0);
+  EXPECT_EQ(view.at({0}), 7.0);
+  alias = Tensor();
+  EXPECT_EQ(view.storage().use_count(), 1);
+  EXPECT_EQ(view.to_vector<double>(), (std::vector<double>{7.0, 7.0}));
+
+  // A head whose storage is replaced (Module::to does this) keeps its block until it dies.
+  Tensor small = cg::scalar(4.0);
+  small.impl()->storage = cg::full({8}, 5.0, {.dtype = cg::DType::Float64}).storage();
+  small.impl()->shape = {8};
+  small.impl()->strides = {1};
+  EXPECT_EQ(small.sum().item(), 40.0);
+
+  // Made on one thread, freed on another.
+  std::vector<Tensor> made;
+  std::thread([&] {
+    for (int i = 0; i < 100; ++i) made.push_back(cg::scalar(i).reshape({1}));
+  }).join();
+  for (int i = 0; i < 100; ++i) EXPECT_EQ(made[i].item(), i);
+  std::thread([&] { made.clear(); }).join();
+}
+
+// Graphs refer to leaves without owning them: a graph that outlives its leaf drops the gradient
+// for it, and retain_grad on a tensor that is gone does nothing, rather than touching freed memory.
+TEST(ScalarFastPath, GraphOutlivesItsTensors) {
+  Tensor kept = s(2.0, true);
+  Tensor L;
+  {
+    Tensor gone = s(3.0, true);
+    Tensor h = gone * kept;
+    h.retain_grad();
+    L = h * 2.0;
+  }
+  L.backward();
+  EXPECT_DOUBLE_EQ(kept.grad().item(), 6.0);
+}

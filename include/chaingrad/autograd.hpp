@@ -155,16 +155,21 @@ class Node {
 };
 
 // Node for a leaf that requires grad: adds the incoming gradient into the leaf's `.grad`.
+// It refers to the leaf without owning it (the leaf owns it); the leaf's destruction clears that
+// reference, after which the node drops what reaches it. A leaf must therefore not be destroyed
+// while a backward on another thread is running this node.
 class AccumulateGrad final : public Node {
  public:
-  explicit AccumulateGrad(const std::shared_ptr<TensorImpl>& leaf);
+  explicit AccumulateGrad(TensorImpl& leaf);
   const char* name() const override { return "AccumulateGrad"; }
   GradList apply(Tensor&& grad_output) override;
   bool is_accumulate_grad() const override { return true; }
-  std::shared_ptr<TensorImpl> leaf() const { return leaf_.lock(); }
+  // Null once the leaf is gone.
+  ImplPtr leaf() const { return ImplPtr::retain(leaf_); }
+  void forget_leaf() { leaf_ = nullptr; }
 
  private:
-  std::weak_ptr<TensorImpl> leaf_;
+  TensorImpl* leaf_;
 };
 
 // The edge through which a gradient reaches `t`: its grad_fn, its accumulator if it is a leaf

@@ -1,12 +1,16 @@
 #pragma once
-// Storage: a reference-counted, 64-byte-aligned buffer shared by a tensor and its views (tensors
-// of at most 32 bytes keep their data inline in the Storage, 16-byte aligned).
+// Storage: a reference-counted (in place, IntrusivePtr), 64-byte-aligned buffer shared by a tensor
+// and its views (tensors of at most 32 bytes keep their data inline in the Storage, 16-byte
+// aligned, and the Storage in their head's block).
 // Buffers come from a caching allocator: once a training step has run, the next identical
 // step finds every buffer it needs in the cache and asks the OS for nothing.
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <utility>
+
+#include "chaingrad/intrusive_ptr.hpp"
 
 namespace chaingrad {
 
@@ -41,6 +45,7 @@ struct FreeBlock {
 struct Cache {
   FreeBlock* head[kClasses];
   std::uint32_t count[kClasses];
+  bool armed;  // the thread-exit reaper is registered (so the fast paths may keep blocks)
   bool dead;
 };
 extern thread_local constinit Cache cache;
@@ -77,7 +82,7 @@ inline void deallocate_object(void* p, std::size_t nbytes) noexcept {
   const std::size_t cls = pool::size_class(nbytes);
   pool::Cache& c = pool::cache;
   const std::uint32_t n = c.count[cls];
-  if (n == 0 || n >= pool::kListCap || !p) return pool::deallocate_slow(p, cls);  // (dead: all counts are 0)
+  if (!c.armed || n >= pool::kListCap || !p) return pool::deallocate_slow(p, cls);  // (dead: not armed)
   auto* b = static_cast<pool::FreeBlock*>(p);
   b->next = c.head[cls];
   c.head[cls] = b;
@@ -87,7 +92,7 @@ inline void deallocate_object(void* p, std::size_t nbytes) noexcept {
 }  // namespace allocator
 
 namespace detail {
-// A std::allocator replacement over allocator::allocate_object, for allocate_shared.
+// A std::allocator replacement over allocator::allocate_object, for allocate_shared (graph nodes).
 template <class T>
 struct PoolAllocator {
   using value_type = T;
@@ -117,14 +122,32 @@ std::shared_ptr<T> make_pooled(Args&&... args) {
 }
 }  // namespace detail
 
+class Storage;
+using StoragePtr = IntrusivePtr<Storage>;
+
 class Storage {
  public:
   // Buffers up to this size (0-d and tiny tensors) live inside the Storage object itself, so a
-  // scalar costs one pooled block for its storage instead of two allocations.
+  // scalar needs no buffer of its own; empty() puts such a Storage in its tensor head's block.
   static constexpr std::size_t kInlineBytes = 32;
 
-  explicit Storage(std::size_t nbytes);
-  ~Storage();
+  // A storage in a pooled block of its own.
+  static StoragePtr make(std::size_t nbytes);
+  // A storage constructed at `at`, inside a larger pooled block of `block_bytes` bytes that starts
+  // at `block`, and the reference of the head that shares the block (see kHeadReference). Its
+  // count starts at one ordinary reference besides.
+  static Storage* make_in(void* at, std::size_t nbytes, void* block, std::size_t block_bytes);
+  // The block is freed when the last reference goes, so a tensor head in the same block holds a
+  // reference of its own for as long as it lives, even if its `storage` is reassigned. That
+  // reference weighs kHeadReference, so use_count() can leave it out: it tells whether any *tensor*
+  // other than one handle shares the data.
+  static constexpr std::int32_t kHeadReference = 1 << 24;
+  // Drops the head's reference and `ordinary` (0 or 1) ordinary ones.
+  void release_head_reference(std::int32_t ordinary) noexcept {
+    const std::int32_t mine = kHeadReference + ordinary;
+    if (refs_.load(std::memory_order_acquire) == mine || refs_.fetch_sub(mine, std::memory_order_acq_rel) == mine)
+      destroy();
+  }
   Storage(const Storage&) = delete;
   Storage& operator=(const Storage&) = delete;
 
@@ -134,11 +157,27 @@ class Storage {
   // backward to catch a tensor modified after an op saved it (see Note [version counter]).
   std::uint32_t version() const { return version_; }
   void bump_version() { ++version_; }
+  long use_count() const { return refs_.load(std::memory_order_relaxed) % kHeadReference; }
 
  private:
+  Storage(std::size_t nbytes, void* block, std::size_t block_bytes);
+  ~Storage();
+  void destroy() noexcept;
+  friend void intrusive_retain(Storage* s) noexcept { s->refs_.fetch_add(1, std::memory_order_relaxed); }
+  // A sole owner frees without an atomic read-modify-write: nobody else can add a reference to an
+  // object only it can reach (as libstdc++'s shared_ptr does when both its counts are one).
+  friend void intrusive_release(Storage* s) noexcept {
+    if (s->refs_.load(std::memory_order_acquire) == 1 || s->refs_.fetch_sub(1, std::memory_order_acq_rel) == 1)
+      s->destroy();
+  }
+  friend long intrusive_use_count(const Storage* s) noexcept { return s->use_count(); }
+
+  std::atomic<std::int32_t> refs_{1};
+  std::uint32_t version_ = 0;
   void* data_;
   std::size_t nbytes_;
-  std::uint32_t version_ = 0;
+  void* block_;              // the pooled block to free with this storage
+  std::size_t block_bytes_;  // its size
   alignas(16) unsigned char inline_[kInlineBytes];
 };
 

@@ -18,14 +18,25 @@ class Node;
 class Tensor;
 using GradHook = std::function<Tensor(const Tensor&)>;
 
-// The state behind a Tensor handle. Views share `storage`; autograd state lives inline, so a
-// tensor's head is one allocation besides its storage.
+struct TensorImpl;
+using ImplPtr = IntrusivePtr<TensorImpl>;
+
+// The state behind a Tensor handle. Views share `storage`; autograd state lives inline. Heads come
+// from the per-thread object pool and are counted in place (IntrusivePtr); a tensor of at most
+// Storage::kInlineBytes of data gets its head, storage and data in one pooled block (make_with_storage).
 struct TensorImpl {
-  // User-provided, so that make_shared's value-initialization does not zero the whole object
-  // before the member initializers run (a `rep stos` that took about 6% of the scalar workload's
-  // time in a build without -march=native).
+  // A head with no storage yet (views and aliases set it).
+  static ImplPtr make();
+  // A head over fresh contiguous storage of `nbytes`.
+  static ImplPtr make_with_storage(std::size_t nbytes);
+
+  // User-provided, so that construction does not zero the whole object before the member
+  // initializers run.
   TensorImpl() noexcept {}  // NOLINT(modernize-use-equals-default): `= default` would zero it
-  std::shared_ptr<Storage> storage;
+  TensorImpl(const TensorImpl&) = delete;
+  TensorImpl& operator=(const TensorImpl&) = delete;
+
+  StoragePtr storage;
   Dims shape;
   Dims strides;
   std::int64_t offset = 0;  // in elements
@@ -34,16 +45,20 @@ struct TensorImpl {
   // autograd
   bool requires_grad = false;
   bool retains_grad = false;
-  std::shared_ptr<Node> grad_fn;          // null for leaves and for tensors outside the graph
-  std::shared_ptr<TensorImpl> grad_impl;  // .grad, as an impl so Tensor stays incomplete-free here
-  // Leaves: the node that adds into .grad, made on first use and kept (it refers to the leaf only
-  // weakly, so this is no cycle), so recording an op on a parameter creates no node for it.
+  std::shared_ptr<Node> grad_fn;  // null for leaves and for tensors outside the graph
+  ImplPtr grad_impl;              // .grad, as an impl so Tensor stays incomplete-free here
+  // Leaves: the node that adds into .grad, made on first use and kept, so recording an op on a
+  // parameter creates no node for it. It points back at the leaf without owning it (no cycle);
+  // the leaf's destruction clears that pointer.
   std::shared_ptr<Node> grad_accumulator;
 
   // Seldom set, so kept out of line: making and freeing a tensor then skips them.
   struct Extras {
     std::vector<GradHook> hooks;  // leaves only; non-leaf hooks live on grad_fn
     std::string name;             // optional label, shown by the explainer and in errors
+    // retain_grad's hook reaches the tensor through this cell, which the tensor's destruction
+    // empties (the hook lives on grad_fn, which may outlive the tensor).
+    std::shared_ptr<TensorImpl*> self_cell;
   };
   std::unique_ptr<Extras> extras;
   Extras& extra() {
@@ -51,12 +66,27 @@ struct TensorImpl {
     return *extras;
   }
   const std::string& name() const;  // "" when unnamed
+
+ private:
+  ~TensorImpl();
+  void destroy() noexcept;
+  friend void intrusive_retain(TensorImpl* t) noexcept { t->refs_.fetch_add(1, std::memory_order_relaxed); }
+  friend void intrusive_release(TensorImpl* t) noexcept {  // (a sole owner needs no atomic, as in Storage)
+    if (t->refs_.load(std::memory_order_acquire) == 1 || t->refs_.fetch_sub(1, std::memory_order_acq_rel) == 1)
+      t->destroy();
+  }
+  friend long intrusive_use_count(const TensorImpl* t) noexcept { return t->refs_.load(std::memory_order_relaxed); }
+
+  std::atomic<std::int32_t> refs_{1};
+  // The head's block also holds its storage (make_with_storage): the head keeps one reference to
+  // that storage for as long as it lives, besides `storage` (which may be reassigned).
+  Storage* own_storage_ = nullptr;
 };
 
 class Tensor {
  public:
   Tensor() = default;
-  explicit Tensor(std::shared_ptr<TensorImpl> impl) : impl_(std::move(impl)) {}
+  explicit Tensor(ImplPtr impl) : impl_(std::move(impl)) {}
 
   // ---- metadata ----
   bool defined() const { return impl_ != nullptr; }
@@ -68,13 +98,13 @@ class Tensor {
   std::int64_t numel() const { return impl_->shape.numel(); }
   DType dtype() const { return impl_->dtype; }
   bool is_contiguous() const;
-  const std::shared_ptr<Storage>& storage() const { return impl_->storage; }
+  const StoragePtr& storage() const { return impl_->storage; }
   std::uint32_t version() const { return impl_->storage->version(); }
   TensorImpl* impl() const { return impl_.get(); }
-  const std::shared_ptr<TensorImpl>& impl_ptr() const { return impl_; }
+  const ImplPtr& impl_ptr() const { return impl_; }
   bool same(const Tensor& other) const { return impl_ == other.impl_; }
   // Moves the handle's reference out (no reference-count traffic); the Tensor becomes undefined.
-  std::shared_ptr<TensorImpl> take_impl() && { return std::move(impl_); }
+  ImplPtr take_impl() && { return std::move(impl_); }
 
   // ---- raw data ----
   template <class T>
@@ -150,7 +180,7 @@ class Tensor {
   std::string to_string() const;  // numpy/PyTorch-style printing
 
  private:
-  std::shared_ptr<TensorImpl> impl_;
+  ImplPtr impl_;
 };
 
 std::ostream& operator<<(std::ostream& os, const Tensor& t);

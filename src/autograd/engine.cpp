@@ -44,7 +44,7 @@ class Engine {
     return s;
   }
 
-  static void run(std::span<const std::shared_ptr<Node>> roots, std::span<const Tensor> root_grads,
+  static void run(std::span<const std::shared_ptr<Node>> roots, std::span<Tensor> root_grads,  // (moved from)
                   const autograd::BackwardOptions& opt, Capture* capture) {
     static thread_local int depth = 0;
     Scratch& scratch = acquire_scratch(depth);
@@ -93,7 +93,7 @@ class Engine {
       ready.push_back({n->sequence_nr_, &n});
       if (ready.size() > 1) std::push_heap(ready.begin(), ready.end());  // (a chain keeps one)
     };
-    for (std::size_t i = 0; i < roots.size(); ++i) accumulate(*roots[i], Tensor(root_grads[i]), opt);
+    for (std::size_t i = 0; i < roots.size(); ++i) accumulate(*roots[i], std::move(root_grads[i]), opt);
     std::vector<Node*>& seeded = scratch.seeded;
     for (const auto& r : roots) {
       if (r->dependencies_ == 0 && std::find(seeded.begin(), seeded.end(), r.get()) == seeded.end()) {
@@ -319,7 +319,7 @@ void Tensor::backward(const Tensor& grad_output, bool retain_graph, bool create_
   // leaf root runs its accumulator, which the leaf keeps.
   if (!impl_->grad_fn) gradient_edge(*this);  // makes (or refreshes) the leaf's accumulator
   const std::shared_ptr<Node>& root = impl_->grad_fn ? impl_->grad_fn : impl_->grad_accumulator;
-  Engine::run(std::span<const std::shared_ptr<Node>>(&root, 1), std::span<const Tensor>(&g, 1),
+  Engine::run(std::span<const std::shared_ptr<Node>>(&root, 1), std::span<Tensor>(&g, 1),
               {.retain_graph = retain_graph, .create_graph = create_graph}, nullptr);
 }
 

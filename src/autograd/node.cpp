@@ -138,14 +138,16 @@ const Tensor& SavedTensor::unpack(const Node& owner) const {
 }
 
 // ---------------------------------------------------------------- AccumulateGrad
-AccumulateGrad::AccumulateGrad(const std::shared_ptr<TensorImpl>& leaf) : leaf_(leaf) {
+AccumulateGrad::AccumulateGrad(TensorImpl& leaf) : leaf_(&leaf) {
   next_edges_.clear();
-  output_meta_ = {leaf->shape, leaf->dtype};
+  output_meta_ = {leaf.shape, leaf.dtype};
 }
 
 GradList AccumulateGrad::apply(Tensor&& grad_output) {
-  std::shared_ptr<TensorImpl> leaf = leaf_.lock();
+  TensorImpl* const leaf = leaf_;  // (the leaf's owner keeps it alive; its destruction clears leaf_)
   if (!leaf) return {};
+  ImplPtr keep;  // a hook could drop the last reference to the leaf: hold one while they run
+  if (leaf->extras) keep = ImplPtr::retain(leaf);
   Tensor grad = std::move(grad_output);
   if (leaf->extras) {
     for (auto& hook : leaf->extras->hooks) {
@@ -178,7 +180,10 @@ std::shared_ptr<Node> gradient_edge(const Tensor& t) {
   const std::shared_ptr<Node>& cached = impl->grad_accumulator;
   if (cached && cached->output_meta().shape == impl->shape && cached->output_meta().dtype == impl->dtype)
     return cached;
-  impl->grad_accumulator = detail::make_pooled<AccumulateGrad>(t.impl_ptr());
+  // A leaf whose shape or dtype changed (Module::to) gets a new accumulator; graphs recorded before
+  // the change no longer reach the leaf through the old one.
+  if (cached) static_cast<AccumulateGrad&>(*cached).forget_leaf();
+  impl->grad_accumulator = detail::make_pooled<AccumulateGrad>(*impl);
   return impl->grad_accumulator;
 }
 

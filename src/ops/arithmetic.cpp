@@ -45,7 +45,7 @@ Tensor div(const Tensor& a, const Tensor& b) {
   Tensor out = binary_map(a, b, "div", [](auto x, auto y) { return x / y; });
   if (detail::any_requires_grad({a, b}))
     record("div", {a, b}, out, [sa = SavedTensor(a, false), sb = SavedTensor(b, false)](const Tensor& g, const Node& self) {
-      const Tensor bv = sb.unpack(self);
+      const Tensor& bv = sb.unpack(self);
       return GradList{self.needs_grad(0) ? div(g, bv) : Tensor(),
                       self.needs_grad(1) ? neg(div(mul(g, sa.unpack(self)), square(bv))) : Tensor()};
     });
@@ -69,7 +69,7 @@ Tensor pow(const Tensor& x, double p) {
     out = detail::unary_map(x, "pow", [p](auto v) { return static_cast<decltype(v)>(std::pow(v, p)); });
   if (detail::any_requires_grad({x}))
     record("pow", {x}, out, [sx = SavedTensor(x, false), p](const Tensor& g, const Node& self) {
-      const Tensor xv = sx.unpack(self);
+      const Tensor& xv = sx.unpack(self);
       if (p == 0.0) return GradList{zeros_like(g)};
       if (!GradMode::is_enabled()) {
         // No graph to record (no create_graph): one fused pass, same arithmetic as below.
@@ -94,7 +94,7 @@ Tensor pow(const Tensor& x, const Tensor& e) {
     record("pow", {x, e}, out,
            [sx = SavedTensor(x, false), se = SavedTensor(e, false), so = SavedTensor(out, true)](const Tensor& g,
                                                                                                  const Node& self) {
-             const Tensor xv = sx.unpack(self), ev = se.unpack(self);
+             const Tensor &xv = sx.unpack(self), &ev = se.unpack(self);
              return GradList{self.needs_grad(0) ? mul(g, mul(ev, pow(xv, sub(ev, scalar_like(ev, 1.0))))) : Tensor(),
                              self.needs_grad(1)
                                  ? mul(g, where(eq(xv, scalar_like(xv, 0.0)), scalar_like(xv, 0.0),
@@ -124,7 +124,7 @@ Tensor where(const Tensor& condition, const Tensor& a, const Tensor& b) {
   });
   if (detail::any_requires_grad({a, b}))
     record("where", {condition, a, b}, out, [sc = SavedTensor(condition, false)](const Tensor& g, const Node& self) {
-      const Tensor cv = sc.unpack(self);
+      const Tensor& cv = sc.unpack(self);
       const Tensor zero = scalar_like(g, 0.0);
       return GradList{Tensor(), self.needs_grad(1) ? where(cv, g, zero) : Tensor(),
                       self.needs_grad(2) ? where(cv, zero, g) : Tensor()};

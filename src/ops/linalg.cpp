@@ -160,7 +160,7 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
                grads[0] = g.dim() == 2 ? gx : reshape(gx, self.input_meta()[0].shape);
              }
              if (self.needs_grad(1)) {
-               const Tensor xv = sx.unpack(self);
+               const Tensor& xv = sx.unpack(self);
                grads[1] = mm(g2.t(), xv.dim() == 2 ? xv : reshape(xv, {-1, in_f}));
              }
              if (self.needs_grad(2)) grads[2] = sum(g2, {0});

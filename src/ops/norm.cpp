@@ -156,7 +156,7 @@ Tensor layer_norm(const Tensor& x, const Dims& normalized_shape, const Tensor& w
   record("layer_norm", {x, weight, bias}, out,
          [sx = SavedTensor(x, false), sw = SavedTensor(weight, false), mean, rstd, dims, n, rows, eps](
              const Tensor& g, const Node& self) {
-           const Tensor xv = sx.unpack(self), wv = sw.unpack(self);
+           const Tensor &xv = sx.unpack(self), &wv = sw.unpack(self);
            if (GradMode::is_enabled()) {
              auto [dx, xhat] = composed_backward(g, xv, wv, dims, eps);
              return GradList{self.needs_grad(0) ? std::move(dx) : Tensor(), self.needs_grad(1) ? g * xhat : Tensor(),
@@ -273,7 +273,7 @@ Tensor batch_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, dou
   record("batch_norm", {x, weight, bias}, out,
          [sx = SavedTensor(x, false), sw = SavedTensor(weight, false), mean, var, dims, cshape, eps, N, C, S](
              const Tensor& g, const Node& self) {
-           const Tensor xv = sx.unpack(self), wv = sw.unpack(self);
+           const Tensor &xv = sx.unpack(self), &wv = sw.unpack(self);
            if (GradMode::is_enabled()) {
              auto [dx, xhat] = composed_backward(g, xv, wv.defined() ? reshape(wv, cshape) : Tensor(), dims, eps);
              return GradList{self.needs_grad(0) ? std::move(dx) : Tensor(),

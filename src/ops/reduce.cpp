@@ -153,7 +153,7 @@ Tensor logsumexp(const Tensor& x, std::int64_t dim_in, bool keepdim) {
   if (detail::any_requires_grad({x}))
     record("logsumexp", {x}, out,
            [sx = SavedTensor(x, false), so = SavedTensor(out, true), dims](const Tensor& g, const Node& self) {
-             const Tensor xv = sx.unpack(self);
+             const Tensor& xv = sx.unpack(self);
              const Tensor lse = restore_reduced(so.unpack(self), xv.shape(), dims);
              return GradList{mul(restore_reduced(g, xv.shape(), dims), exp(xv - lse))};
            });
@@ -180,7 +180,7 @@ Tensor softmax(const Tensor& x, std::int64_t dim) {
   Tensor out = softmax_like<0>(x, dim, "softmax");
   if (detail::any_requires_grad({x}))
     record("softmax", {x}, out, [so = SavedTensor(out, true), dim](const Tensor& g, const Node& self) {
-      const Tensor y = so.unpack(self);
+      const Tensor& y = so.unpack(self);
       return GradList{mul(y, g - sum(mul(g, y), {dim}, true))};
     });
   return out;

@@ -24,7 +24,8 @@ Tensor constant_factor(const Tensor& x, F f) {
 template <class V, class F>
 Tensor vector_unary(const Tensor& x, const char* op, V vec, F scalar) {
   if (!x.defined() || x.dtype() != DType::Float32) return unary_map(x, op, scalar);
-  const Tensor c = x.is_contiguous() ? x : x.detach().contiguous();
+  Tensor packed;  // (bound by reference otherwise: a copy of the handle is an atomic increment)
+  const Tensor& c = x.is_contiguous() ? x : (packed = x.detach().contiguous());
   Tensor out = empty(c.shape(), DType::Float32);
   const float* px = c.data<float>();
   float* po = out.data<float>();
@@ -84,7 +85,7 @@ Tensor rsqrt(const Tensor& x) {
   Tensor out = unary_map(x, "rsqrt", [](auto v) { return decltype(v)(1) / std::sqrt(v); });
   if (detail::any_requires_grad({x}))
     record("rsqrt", {x}, out, [so = SavedTensor(out, true)](const Tensor& g, const Node& self) {
-      const Tensor y = so.unpack(self);
+      const Tensor& y = so.unpack(self);
       return GradList{mul(g, mul(square(y), y) * -0.5)};
     });
   return out;
@@ -135,7 +136,7 @@ Tensor erf(const Tensor& x) {
   Tensor out = vector_unary(x, "erf", kernels::verf, [](auto v) { return std::erf(v); });
   if (detail::any_requires_grad({x}))
     record("erf", {x}, out, [sx = SavedTensor(x, false)](const Tensor& g, const Node& self) {
-      const Tensor xv = sx.unpack(self);
+      const Tensor& xv = sx.unpack(self);
       return GradList{mul(g, exp(neg(square(xv))) * (2.0 / std::sqrt(M_PI)))};
     });
   return out;
@@ -157,7 +158,7 @@ Tensor sigmoid_backward(const Tensor& grad_output, const Tensor& y) {
   if (detail::any_requires_grad({grad_output, y}))
     record("sigmoid_backward", {grad_output, y}, out,
            [sg = SavedTensor(grad_output, false), sy = SavedTensor(y, false)](const Tensor& gg, const Node& self) {
-             const Tensor yv = sy.unpack(self);
+             const Tensor& yv = sy.unpack(self);
              return GradList{self.needs_grad(0) ? sigmoid_backward(gg, yv) : Tensor(),
                              self.needs_grad(1) ? mul(mul(gg, sg.unpack(self)), 1.0 - yv * 2.0) : Tensor()};
            });
@@ -170,7 +171,7 @@ Tensor tanh_backward(const Tensor& grad_output, const Tensor& y) {
   if (detail::any_requires_grad({grad_output, y}))
     record("tanh_backward", {grad_output, y}, out,
            [sg = SavedTensor(grad_output, false), sy = SavedTensor(y, false)](const Tensor& gg, const Node& self) {
-             const Tensor yv = sy.unpack(self);
+             const Tensor& yv = sy.unpack(self);
              return GradList{self.needs_grad(0) ? tanh_backward(gg, yv) : Tensor(),
                              self.needs_grad(1) ? mul(mul(gg, sg.unpack(self)), yv * -2.0) : Tensor()};
            });
@@ -259,7 +260,7 @@ Tensor gelu(const Tensor& x) {
   });
   if (detail::any_requires_grad({x}))
     record("gelu", {x}, out, [sx = SavedTensor(x, false)](const Tensor& g, const Node& self) {
-      const Tensor xv = sx.unpack(self);
+      const Tensor& xv = sx.unpack(self);
       if (!GradMode::is_enabled()) return GradList{gelu_backward(g, xv)};  // one fused pass
       // create_graph: the same derivative from differentiable ops
       const Tensor cdf = (erf(xv * M_SQRT1_2) + 1.0) * 0.5;
