@@ -194,15 +194,6 @@ void deallocate_slow(void* p, std::size_t cls) noexcept {
 
 }  // namespace allocator
 
-Storage::Storage(std::size_t nbytes, void* block, std::size_t block_bytes)
-    : data_(nbytes <= kInlineBytes ? static_cast<void*>(inline_) : allocator::allocate(nbytes)),
-      nbytes_(nbytes),
-      block_(block),
-      block_bytes_(block_bytes) {}
-Storage::~Storage() {
-  if (data_ != inline_) allocator::deallocate(data_, nbytes_);
-}
-
 StoragePtr Storage::make(std::size_t nbytes) {
   void* block = allocator::allocate_object(sizeof(Storage));
   try {
@@ -211,19 +202,6 @@ StoragePtr Storage::make(std::size_t nbytes) {
     allocator::deallocate_object(block, sizeof(Storage));
     throw;
   }
-}
-
-Storage* Storage::make_in(void* at, std::size_t nbytes, void* block, std::size_t block_bytes) {
-  auto* s = new (at) Storage(nbytes, block, block_bytes);
-  s->refs_.store(1 + kHeadReference, std::memory_order_relaxed);
-  return s;
-}
-
-void Storage::destroy() noexcept {
-  void* block = block_;
-  const std::size_t bytes = block_bytes_;
-  this->~Storage();
-  allocator::deallocate_object(block, bytes);
 }
 
 }  // namespace chaingrad

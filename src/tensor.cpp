@@ -143,7 +143,9 @@ void TensorImpl::destroy() noexcept {
   Storage* own = own_storage_;
   Storage* held = storage.release();  // dropped below, with the head's own reference when it is that one
   void* block = this;
-  this->~TensorImpl();
+  // Most heads never joined a graph: then every member left is empty or trivial, and the
+  // destructor would only test them.
+  if (grad_fn || grad_impl || grad_accumulator || extras) this->~TensorImpl();
   if (held && held != own) intrusive_release(held);
   if (own)
     own->release_head_reference(held == own ? 1 : 0);  // frees the block unless a view still uses the storage

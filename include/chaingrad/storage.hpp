@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <new>
 #include <utility>
 
 #include "chaingrad/intrusive_ptr.hpp"
@@ -180,5 +181,26 @@ class Storage {
   std::size_t block_bytes_;  // its size
   alignas(16) unsigned char inline_[kInlineBytes];
 };
+
+// Inline: a scalar's storage is made and freed with every op.
+inline Storage::Storage(std::size_t nbytes, void* block, std::size_t block_bytes)
+    : data_(nbytes <= kInlineBytes ? static_cast<void*>(inline_) : allocator::allocate(nbytes)),
+      nbytes_(nbytes),
+      block_(block),
+      block_bytes_(block_bytes) {}
+inline Storage::~Storage() {
+  if (data_ != inline_) allocator::deallocate(data_, nbytes_);
+}
+inline Storage* Storage::make_in(void* at, std::size_t nbytes, void* block, std::size_t block_bytes) {
+  auto* s = new (at) Storage(nbytes, block, block_bytes);
+  s->refs_.store(1 + kHeadReference, std::memory_order_relaxed);
+  return s;
+}
+inline void Storage::destroy() noexcept {
+  void* block = block_;
+  const std::size_t bytes = block_bytes_;
+  this->~Storage();
+  allocator::deallocate_object(block, bytes);
+}
 
 }  // namespace chaingrad
