@@ -113,6 +113,8 @@ constexpr std::size_t kHeadWithStorageBytes = kHeadBytes + sizeof(Storage);
 static_assert(kHeadWithStorageBytes <= allocator::kMaxPooledObject);
 }  // namespace
 
+TensorImpl::TensorImpl() noexcept {}  // NOLINT(modernize-use-equals-default): `= default` would zero it
+
 ImplPtr TensorImpl::make() {
   return ImplPtr::adopt(new (allocator::allocate_object(sizeof(TensorImpl))) TensorImpl());
 }

@@ -18,6 +18,7 @@
 //
 // Note [version counter]: SavedTensor remembers the storage version at save time; unpacking a
 // tensor that was modified in place since then is an error that names the op.
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -33,7 +34,10 @@ namespace chaingrad {
 using GradList = SmallVector<Tensor, 3>;
 namespace detail {
 class RunningNode;
-}
+// A node of type T from the per-thread object pool (storage.hpp), counted in place.
+template <class T, class... Args>
+NodePtr make_node(Args&&... args);
+}  // namespace detail
 
 class SavedTensor {
  public:
@@ -73,23 +77,23 @@ struct TensorRef {
   const Tensor& get() const { return *tensor; }
   const Tensor* tensor;
 };
-void record_node(std::shared_ptr<Node> node, std::span<const TensorRef> inputs, Tensor& output);
+void record_node(NodePtr node, std::span<const TensorRef> inputs, Tensor& output);
 
 // The engine marks the node whose backward is running, as the reference that owns it, so that a
-// saved output can be re-attached to its own node under create_graph. Nodes carry no reference to
-// themselves (enable_shared_from_this would cost every node's release two more atomic operations).
+// saved output can be re-attached to its own node under create_graph, and the outputs re-attached
+// there are dropped when that backward returns (a node must not own itself through them).
 class RunningNode {
  public:
-  explicit RunningNode(const std::shared_ptr<Node>& node);
+  explicit RunningNode(const NodePtr& node);
   ~RunningNode();  // drops the outputs re-attached during the node's backward
   RunningNode(const RunningNode&) = delete;
   RunningNode& operator=(const RunningNode&) = delete;
   static RunningNode* current();
-  const std::shared_ptr<Node>& owner() const { return owner_; }
+  const NodePtr& owner() const { return owner_; }
   void keep_until_done(const SavedTensor& saved);
 
  private:
-  const std::shared_ptr<Node>& owner_;
+  const NodePtr& owner_;
   RunningNode* previous_;
   const SavedTensor* reattached_ = nullptr;  // a list through SavedTensor::next_reattached_
 };
@@ -98,7 +102,6 @@ class RunningNode {
 class Node {
  public:
   Node();
-  virtual ~Node();
   Node(const Node&) = delete;
   Node& operator=(const Node&) = delete;
 
@@ -113,7 +116,7 @@ class Node {
 
   std::size_t num_inputs() const { return next_edges_.size(); }
   bool needs_grad(std::size_t i) const { return next_edges_[i] != nullptr; }
-  using Edges = SmallVector<std::shared_ptr<Node>, 3>;
+  using Edges = SmallVector<NodePtr, 3>;
   using InputMetas = SmallVector<InputMeta, 3>;
   const Edges& next_edges() const { return next_edges_; }
   const InputMetas& input_meta() const { return input_meta_; }
@@ -130,7 +133,9 @@ class Node {
 
  protected:
   friend class Engine;
-  friend void detail::record_node(std::shared_ptr<Node>, std::span<const detail::TensorRef>, Tensor&);
+  friend void detail::record_node(NodePtr, std::span<const detail::TensorRef>, Tensor&);
+  template <class T, class... Args>
+  friend NodePtr detail::make_node(Args&&... args);
   // What the engine touches on every node comes first, in the node's first cache lines; the
   // input metadata (80 bytes an input) comes after, and the rarely set hooks and label out of line.
   Edges next_edges_;
@@ -152,7 +157,47 @@ class Node {
     if (!extras_) extras_ = std::make_unique<Extras>();
     return *extras_;
   }
+
+  // Only the last NodePtr destroys a node (destroy()).
+  virtual ~Node();
+
+ private:
+  friend void intrusive_retain(Node* n) noexcept;
+  friend void intrusive_release(Node* n) noexcept;
+  friend long intrusive_use_count(const Node* n) noexcept;
+  void destroy() noexcept;
+  std::atomic<std::int32_t> refs_{1};
+  std::uint32_t block_bytes_ = 0;  // the size make_node allocated
 };
+
+inline void intrusive_retain(Node* n) noexcept { n->refs_.fetch_add(1, std::memory_order_relaxed); }
+// A sole owner frees without an atomic read-modify-write (as for tensors, tensor.hpp).
+inline void intrusive_release(Node* n) noexcept {
+  if (n->refs_.load(std::memory_order_acquire) == 1 || n->refs_.fetch_sub(1, std::memory_order_acq_rel) == 1)
+    n->destroy();
+}
+inline long intrusive_use_count(const Node* n) noexcept { return n->refs_.load(std::memory_order_relaxed); }
+
+namespace detail {
+template <class T, class... Args>
+NodePtr make_node(Args&&... args) {
+  static_assert(alignof(T) <= 16, "make_node: pooled blocks are 16-byte aligned");
+  constexpr std::size_t bytes = sizeof(T);
+  void* block = bytes <= allocator::kMaxPooledObject ? allocator::allocate_object(bytes) : ::operator new(bytes);
+  T* node = nullptr;
+  try {
+    node = new (block) T(std::forward<Args>(args)...);
+  } catch (...) {
+    if (bytes <= allocator::kMaxPooledObject)
+      allocator::deallocate_object(block, bytes);
+    else
+      ::operator delete(block);
+    throw;
+  }
+  static_cast<Node*>(node)->block_bytes_ = static_cast<std::uint32_t>(bytes);
+  return NodePtr::adopt(node);
+}
+}  // namespace detail
 
 // Node for a leaf that requires grad: adds the incoming gradient into the leaf's `.grad`.
 // It refers to the leaf without owning it (the leaf owns it); the leaf's destruction clears that
@@ -174,7 +219,7 @@ class AccumulateGrad final : public Node {
 
 // The edge through which a gradient reaches `t`: its grad_fn, its accumulator if it is a leaf
 // requiring grad, or null.
-std::shared_ptr<Node> gradient_edge(const Tensor& t);
+NodePtr gradient_edge(const Tensor& t);
 
 // ---- grad mode ----
 class GradMode {
@@ -293,18 +338,18 @@ class FunctionNode final : public Node {
   std::optional<F> fn_;
 };
 
-void record_node(std::shared_ptr<Node> node, std::span<const Tensor> inputs, Tensor& output);
+void record_node(NodePtr node, std::span<const Tensor> inputs, Tensor& output);
 
-// Records `output = name(inputs...)` with backward `fn` when any input requires grad. The node and
-// its control block come from the per-thread object pool (storage.hpp).
+// Records `output = name(inputs...)` with backward `fn` when any input requires grad. The node
+// comes from the per-thread object pool (make_node).
 template <class F>
 void record(const char* name, std::initializer_list<TensorRef> inputs, Tensor& output, F&& fn) {
-  record_node(make_pooled<FunctionNode<std::decay_t<F>>>(name, std::forward<F>(fn)),
+  record_node(make_node<FunctionNode<std::decay_t<F>>>(name, std::forward<F>(fn)),
               std::span<const TensorRef>(inputs.begin(), inputs.size()), output);
 }
 template <class F>
 void record(const char* name, std::span<const Tensor> inputs, Tensor& output, F&& fn) {
-  record_node(make_pooled<FunctionNode<std::decay_t<F>>>(name, std::forward<F>(fn)), inputs, output);
+  record_node(make_node<FunctionNode<std::decay_t<F>>>(name, std::forward<F>(fn)), inputs, output);
 }
 
 }  // namespace detail

@@ -1,9 +1,9 @@
 #pragma once
-// IntrusivePtr: a shared owner whose count lives in the object itself. Tensor heads and storages
-// use it instead of std::shared_ptr: no control block to set up, no weak count to drop, and a
-// small tensor's head, storage and data can share one pooled block (tensor.hpp). The object type
-// provides intrusive_retain(T*), intrusive_release(T*) and intrusive_use_count(const T*), found
-// by argument-dependent lookup.
+// IntrusivePtr: a shared owner whose count lives in the object itself. Tensor heads, storages
+// and graph nodes use it instead of std::shared_ptr: no control block to set up, no weak count to
+// drop, and a small tensor's head, storage and data can share one pooled block (tensor.hpp). The
+// object type provides intrusive_retain(T*), intrusive_release(T*) and intrusive_use_count(const
+// T*), found by argument-dependent lookup.
 #include <cstddef>
 #include <utility>
 

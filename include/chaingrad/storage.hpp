@@ -92,37 +92,6 @@ inline void deallocate_object(void* p, std::size_t nbytes) noexcept {
 #endif
 }  // namespace allocator
 
-namespace detail {
-// A std::allocator replacement over allocator::allocate_object, for allocate_shared (graph nodes).
-template <class T>
-struct PoolAllocator {
-  using value_type = T;
-  PoolAllocator() = default;
-  template <class U>
-  PoolAllocator(const PoolAllocator<U>&) noexcept {}  // NOLINT: rebinding is implicit by design
-  T* allocate(std::size_t n) {
-    static_assert(alignof(T) <= 16, "PoolAllocator: blocks are 16-byte aligned");
-    const std::size_t bytes = n * sizeof(T);
-    if (bytes > allocator::kMaxPooledObject) return static_cast<T*>(::operator new(bytes));
-    return static_cast<T*>(allocator::allocate_object(bytes));
-  }
-  void deallocate(T* p, std::size_t n) noexcept {
-    const std::size_t bytes = n * sizeof(T);
-    if (bytes > allocator::kMaxPooledObject) return ::operator delete(p);
-    allocator::deallocate_object(p, bytes);
-  }
-  template <class U>
-  bool operator==(const PoolAllocator<U>&) const noexcept {
-    return true;
-  }
-};
-// std::make_shared with the object and its control block in one pooled block.
-template <class T, class... Args>
-std::shared_ptr<T> make_pooled(Args&&... args) {
-  return std::allocate_shared<T>(PoolAllocator<T>(), std::forward<Args>(args)...);
-}
-}  // namespace detail
-
 class Storage;
 using StoragePtr = IntrusivePtr<Storage>;
 

@@ -16,6 +16,12 @@ namespace chaingrad {
 
 class Node;
 class Tensor;
+// Graph nodes are counted in place too; these are defined in autograd.hpp, which any code that
+// copies or drops a NodePtr includes.
+using NodePtr = IntrusivePtr<Node>;
+inline void intrusive_retain(Node* n) noexcept;
+inline void intrusive_release(Node* n) noexcept;
+inline long intrusive_use_count(const Node* n) noexcept;
 using GradHook = std::function<Tensor(const Tensor&)>;
 
 struct TensorImpl;
@@ -31,8 +37,9 @@ struct TensorImpl {
   static ImplPtr make_with_storage(std::size_t nbytes);
 
   // User-provided, so that construction does not zero the whole object before the member
-  // initializers run.
-  TensorImpl() noexcept {}  // NOLINT(modernize-use-equals-default): `= default` would zero it
+  // initializers run; out of line (tensor.cpp, where make() inlines it), since it names the
+  // destructors of its NodePtr members, which need autograd.hpp.
+  TensorImpl() noexcept;
   TensorImpl(const TensorImpl&) = delete;
   TensorImpl& operator=(const TensorImpl&) = delete;
 
@@ -45,12 +52,12 @@ struct TensorImpl {
   // autograd
   bool requires_grad = false;
   bool retains_grad = false;
-  std::shared_ptr<Node> grad_fn;  // null for leaves and for tensors outside the graph
+  NodePtr grad_fn;  // null for leaves and for tensors outside the graph
   ImplPtr grad_impl;              // .grad, as an impl so Tensor stays incomplete-free here
   // Leaves: the node that adds into .grad, made on first use and kept, so recording an op on a
   // parameter creates no node for it. It points back at the leaf without owning it (no cycle);
   // the leaf's destruction clears that pointer.
-  std::shared_ptr<Node> grad_accumulator;
+  NodePtr grad_accumulator;
 
   // Seldom set, so kept out of line: making and freeing a tensor then skips them.
   struct Extras {
@@ -128,7 +135,7 @@ class Tensor {
   bool requires_grad() const { return impl_->requires_grad; }
   Tensor& requires_grad_(bool on = true);
   bool is_leaf() const { return impl_->grad_fn == nullptr; }
-  const std::shared_ptr<Node>& grad_fn() const { return impl_->grad_fn; }
+  const NodePtr& grad_fn() const { return impl_->grad_fn; }
   Tensor grad() const { return Tensor(impl_->grad_impl); }
   void set_grad(const Tensor& g);
   void zero_grad() { impl_->grad_impl.reset(); }

@@ -24,7 +24,7 @@ class Engine {
     std::uint64_t sequence_nr;
     // The edge (or root) that owns the node: a node's backward may need a strong reference to
     // itself (a saved output re-attached under create_graph), and nodes keep none.
-    const std::shared_ptr<Node>* owner;
+    const NodePtr* owner;
     friend bool operator<(const Ready& a, const Ready& b) { return a.sequence_nr < b.sequence_nr; }
   };
 
@@ -44,7 +44,7 @@ class Engine {
     return s;
   }
 
-  static void run(std::span<const std::shared_ptr<Node>> roots, std::span<Tensor> root_grads,  // (moved from)
+  static void run(std::span<const NodePtr> roots, std::span<Tensor> root_grads,  // (moved from)
                   const autograd::BackwardOptions& opt, Capture* capture) {
     static thread_local int depth = 0;
     Scratch& scratch = acquire_scratch(depth);
@@ -89,7 +89,7 @@ class Engine {
 
     // 3. Seed the roots' buffers; among nodes of equal readiness the most recent op runs first.
     std::vector<Ready>& ready = scratch.heap;
-    auto push_ready = [&](const std::shared_ptr<Node>& n) {
+    auto push_ready = [&](const NodePtr& n) {
       ready.push_back({n->sequence_nr_, &n});
       if (ready.size() > 1) std::push_heap(ready.begin(), ready.end());  // (a chain keeps one)
     };
@@ -106,7 +106,7 @@ class Engine {
     const bool anomaly = AnomalyMode::is_enabled();
     while (!ready.empty()) {
       if (ready.size() > 1) std::pop_heap(ready.begin(), ready.end());
-      const std::shared_ptr<Node>& owner = *ready.back().owner;
+      const NodePtr& owner = *ready.back().owner;
       ready.pop_back();
       Node* node = owner.get();
       Tensor grad = std::move(node->input_buffer_);  // (leaves the buffer empty)
@@ -125,7 +125,7 @@ class Engine {
 
       const std::size_t num_edges = node->next_edges_.size();
       for (std::size_t i = 0; i < num_edges; ++i) {
-        const std::shared_ptr<Node>& edge = node->next_edges_[i];
+        const NodePtr& edge = node->next_edges_[i];
         Node* next = edge.get();
         if (!next) continue;
         if (i < grads.size() && grads[i].defined()) {
@@ -154,7 +154,7 @@ class Engine {
   }
 
   // Runs the node's hooks and backward on its summed upstream gradient; frees its saved values.
-  static GradList run_one(const std::shared_ptr<Node>& owner, Tensor& grad, const autograd::BackwardOptions& opt) {
+  static GradList run_one(const NodePtr& owner, Tensor& grad, const autograd::BackwardOptions& opt) {
     Node& node = *owner;
     if (node.has_pre_hooks()) {
       for (auto& hook : node.extras_->pre_hooks) {
@@ -257,13 +257,13 @@ void check_root(const Tensor& out, const Tensor& grad_output, std::size_t i, Ten
   }
 }
 
-void prepare_root(const Tensor& out, const Tensor& grad_output, std::size_t i, std::shared_ptr<Node>& root, Tensor& g) {
+void prepare_root(const Tensor& out, const Tensor& grad_output, std::size_t i, NodePtr& root, Tensor& g) {
   check_root(out, grad_output, i, g);
   root = gradient_edge(out);
 }
 
 void prepare_roots(const std::vector<Tensor>& outputs, const std::vector<Tensor>& grad_outputs,
-                   std::vector<std::shared_ptr<Node>>& roots, std::vector<Tensor>& grads) {
+                   std::vector<NodePtr>& roots, std::vector<Tensor>& grads) {
   CG_CHECK(grad_outputs.empty() || grad_outputs.size() == outputs.size(), ValueError, "backward: got ",
            outputs.size(), " outputs but ", grad_outputs.size(), " gradients");
   roots.resize(outputs.size());
@@ -275,7 +275,7 @@ void prepare_roots(const std::vector<Tensor>& outputs, const std::vector<Tensor>
 }  // namespace
 
 void backward(const std::vector<Tensor>& outputs, const std::vector<Tensor>& grad_outputs, BackwardOptions options) {
-  std::vector<std::shared_ptr<Node>> roots;
+  std::vector<NodePtr> roots;
   std::vector<Tensor> grads;
   prepare_roots(outputs, grad_outputs, roots, grads);
   Engine::run(roots, grads, options, nullptr);
@@ -284,11 +284,11 @@ void backward(const std::vector<Tensor>& outputs, const std::vector<Tensor>& gra
 std::vector<Tensor> grad(const std::vector<Tensor>& outputs, const std::vector<Tensor>& inputs,
                          const std::vector<Tensor>& grad_outputs, bool retain_graph, bool create_graph,
                          bool allow_unused) {
-  std::vector<std::shared_ptr<Node>> roots;
+  std::vector<NodePtr> roots;
   std::vector<Tensor> grads;
   prepare_roots(outputs, grad_outputs, roots, grads);
   Engine::Capture capture;
-  std::vector<std::shared_ptr<Node>> keep;  // accumulators created here must live through the run
+  std::vector<NodePtr> keep;  // accumulators created here must live through the run
   for (std::size_t i = 0; i < inputs.size(); ++i) {
     CG_CHECK(inputs[i].defined() && inputs[i].requires_grad(), AutogradError, "grad: input ", i,
              " does not require grad");
@@ -318,8 +318,8 @@ void Tensor::backward(const Tensor& grad_output, bool retain_graph, bool create_
   // The root's own grad_fn is the owning reference for the run (this tensor outlives the call); a
   // leaf root runs its accumulator, which the leaf keeps.
   if (!impl_->grad_fn) gradient_edge(*this);  // makes (or refreshes) the leaf's accumulator
-  const std::shared_ptr<Node>& root = impl_->grad_fn ? impl_->grad_fn : impl_->grad_accumulator;
-  Engine::run(std::span<const std::shared_ptr<Node>>(&root, 1), std::span<Tensor>(&g, 1),
+  const NodePtr& root = impl_->grad_fn ? impl_->grad_fn : impl_->grad_accumulator;
+  Engine::run(std::span<const NodePtr>(&root, 1), std::span<Tensor>(&g, 1),
               {.retain_graph = retain_graph, .create_graph = create_graph}, nullptr);
 }
 

@@ -12,10 +12,10 @@ thread_local bool anomaly_mode_enabled = false;
 std::atomic<std::uint64_t> next_sequence_nr{0};
 // While a graph is being torn down, nodes whose last owner goes away are parked here instead of
 // being destroyed recursively, so a chain of 100,000 nodes frees in a loop (pattern 4).
-thread_local std::vector<std::shared_ptr<Node>>* pending_deletes = nullptr;
+thread_local std::vector<NodePtr>* pending_deletes = nullptr;
 thread_local bool delete_stack_dead = false;
 struct DeleteStack {
-  std::vector<std::shared_ptr<Node>> nodes;
+  std::vector<NodePtr> nodes;
   ~DeleteStack() { delete_stack_dead = true; }
 };
 thread_local DeleteStack delete_stack;
@@ -48,6 +48,15 @@ const std::string& Node::label() const {
   return extras_ ? extras_->label : unlabelled;
 }
 
+void Node::destroy() noexcept {
+  const std::size_t bytes = block_bytes_;
+  this->~Node();
+  if (bytes <= allocator::kMaxPooledObject)
+    allocator::deallocate_object(this, bytes);
+  else
+    ::operator delete(this);
+}
+
 Node::~Node() {
   // An edge this node does not own alone is just released: no recursion can follow from it.
   if (pending_deletes) {
@@ -68,13 +77,13 @@ Node::~Node() {
   if (!last_owner) return;
   // The work list is reused (one per thread) so freeing a graph allocates nothing once warm.
   DeleteStack& reusable = delete_stack;
-  std::vector<std::shared_ptr<Node>> local;
-  std::vector<std::shared_ptr<Node>>& stack = delete_stack_dead ? local : reusable.nodes;
+  std::vector<NodePtr> local;
+  std::vector<NodePtr>& stack = delete_stack_dead ? local : reusable.nodes;
   pending_deletes = &stack;
   for (auto& e : next_edges_)
     if (e) stack.push_back(std::move(e));
   while (!stack.empty()) {
-    std::shared_ptr<Node> n = std::move(stack.back());
+    NodePtr n = std::move(stack.back());
     stack.pop_back();
     n.reset();  // if this was the last owner, its destructor appends its own edges to `stack`
   }
@@ -85,7 +94,7 @@ Node::~Node() {
 namespace {
 thread_local detail::RunningNode* running_node = nullptr;
 }
-detail::RunningNode::RunningNode(const std::shared_ptr<Node>& node) : owner_(node), previous_(running_node) {
+detail::RunningNode::RunningNode(const NodePtr& node) : owner_(node), previous_(running_node) {
   running_node = this;
 }
 detail::RunningNode::~RunningNode() {
@@ -146,10 +155,10 @@ AccumulateGrad::AccumulateGrad(TensorImpl& leaf) : leaf_(&leaf) {
 GradList AccumulateGrad::apply(Tensor&& grad_output) {
   TensorImpl* const leaf = leaf_;  // (the leaf's owner keeps it alive; its destruction clears leaf_)
   if (!leaf) return {};
-  ImplPtr keep;  // a hook could drop the last reference to the leaf: hold one while they run
-  if (leaf->extras) keep = ImplPtr::retain(leaf);
   Tensor grad = std::move(grad_output);
+  ImplPtr keep;
   if (leaf->extras) {
+    keep = ImplPtr::retain(leaf);  // a hook could drop the last other reference to the leaf
     for (auto& hook : leaf->extras->hooks) {
       Tensor r = hook(grad);
       if (r.defined()) grad = r;
@@ -173,17 +182,17 @@ GradList AccumulateGrad::apply(Tensor&& grad_output) {
   return {};
 }
 
-std::shared_ptr<Node> gradient_edge(const Tensor& t) {
+NodePtr gradient_edge(const Tensor& t) {
   if (!t.defined() || !t.requires_grad()) return nullptr;
   if (t.grad_fn()) return t.grad_fn();
   TensorImpl* impl = t.impl();
-  const std::shared_ptr<Node>& cached = impl->grad_accumulator;
+  const NodePtr& cached = impl->grad_accumulator;
   if (cached && cached->output_meta().shape == impl->shape && cached->output_meta().dtype == impl->dtype)
     return cached;
   // A leaf whose shape or dtype changed (Module::to) gets a new accumulator; graphs recorded before
   // the change no longer reach the leaf through the old one.
   if (cached) static_cast<AccumulateGrad&>(*cached).forget_leaf();
-  impl->grad_accumulator = detail::make_pooled<AccumulateGrad>(*impl);
+  impl->grad_accumulator = detail::make_node<AccumulateGrad>(*impl);
   return impl->grad_accumulator;
 }
 
@@ -197,14 +206,14 @@ bool any_requires_grad(std::span<const Tensor> inputs) {
   return false;
 }
 
-void record_node(std::shared_ptr<Node> node, std::span<const Tensor> inputs, Tensor& output) {
+void record_node(NodePtr node, std::span<const Tensor> inputs, Tensor& output) {
   std::vector<TensorRef> refs;
   refs.reserve(inputs.size());
   for (const Tensor& t : inputs) refs.emplace_back(t);
   record_node(std::move(node), std::span<const TensorRef>(refs), output);
 }
 
-void record_node(std::shared_ptr<Node> node, std::span<const TensorRef> inputs, Tensor& output) {
+void record_node(NodePtr node, std::span<const TensorRef> inputs, Tensor& output) {
   node->next_edges_.reserve(inputs.size());
   node->input_meta_.reserve(inputs.size());
   for (const TensorRef& ref : inputs) {

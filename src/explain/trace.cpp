@@ -113,7 +113,7 @@ class Recorder final : public BackwardObserver {
   const Evaluation& ev_;
   BackwardTrace& out_;
   std::map<const Node*, int> unit_of_;
-  std::vector<std::shared_ptr<Node>> keep_;
+  std::vector<NodePtr> keep_;
   std::vector<std::vector<double>> partials_;
   std::vector<std::vector<std::string>> forms_;
   std::vector<std::size_t> live_inputs_;
