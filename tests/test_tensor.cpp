@@ -1,5 +1,8 @@
 #include <gtest/gtest.h>
 
+#include <thread>
+#include <vector>
+
 #include "chaingrad/chaingrad.hpp"
 
 namespace cg = chaingrad;
@@ -59,6 +62,35 @@ TEST(Views, ShareStorage) {
   EXPECT_EQ(a.permute({1, 0}).shape(), (cg::Dims{4, 3}));
   EXPECT_THROW(t.view({12}), cg::ShapeError);  // non-contiguous: view impossible
   EXPECT_EQ(t.reshape({12}).shape(), (cg::Dims{12}));
+}
+
+// Heads, storages and nodes are counted in place, and a sole owner frees without an atomic. Many
+// threads copying and dropping handles to the same tensors and nodes must leave every count where
+// it started (a lost update would show here, a double free under AddressSanitizer).
+TEST(Ownership, CountsStayExactUnderThreads) {
+  Tensor small = cg::scalar(1.0);          // head, storage and data in one block
+  Tensor big = cg::zeros({1000});          // a storage of its own
+  Tensor w = cg::scalar(0.5, {.dtype = cg::DType::Float64, .requires_grad = true});
+  Tensor y = w * 2.0;                      // makes w's accumulator, shared by every graph below
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 5000; ++i) {
+        Tensor a = small, v = small.reshape({1}), b = big.slice(0, 1, 10);
+        Tensor z = w * 3.0 + y;            // nodes with edges to w's accumulator and y's node
+        ASSERT_EQ(v.item(), 1.0);
+        ASSERT_EQ(z.grad_fn()->next_edges().size(), 2u);
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(small.impl_ptr().use_count(), 1);
+  EXPECT_EQ(small.storage().use_count(), 1);
+  EXPECT_EQ(big.storage().use_count(), 1);
+  EXPECT_EQ(w.impl()->grad_accumulator.use_count(), 2);  // w and y's node
+  EXPECT_EQ(y.grad_fn().use_count(), 1);
+  y.backward();
+  EXPECT_DOUBLE_EQ(w.grad().item(), 2.0);
 }
 
 TEST(Views, CatStackSplit) {
