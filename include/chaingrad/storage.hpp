@@ -7,7 +7,6 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
-#include <memory>
 #include <new>
 #include <utility>
 
@@ -111,10 +110,10 @@ class Storage {
   // reference of its own for as long as it lives, even if its `storage` is reassigned. That
   // reference weighs kHeadReference, so use_count() can leave it out: it tells whether any *tensor*
   // other than one handle shares the data.
-  static constexpr std::int32_t kHeadReference = 1 << 24;
+  static constexpr std::int64_t kHeadReference = std::int64_t{1} << 40;
   // Drops the head's reference and `ordinary` (0 or 1) ordinary ones.
-  void release_head_reference(std::int32_t ordinary) noexcept {
-    const std::int32_t mine = kHeadReference + ordinary;
+  void release_head_reference(std::int64_t ordinary) noexcept {
+    const std::int64_t mine = kHeadReference + ordinary;
     if (refs_.load(std::memory_order_acquire) == mine || refs_.fetch_sub(mine, std::memory_order_acq_rel) == mine)
       destroy();
   }
@@ -142,7 +141,7 @@ class Storage {
   }
   friend long intrusive_use_count(const Storage* s) noexcept { return s->use_count(); }
 
-  std::atomic<std::int32_t> refs_{1};
+  std::atomic<std::int64_t> refs_{1};
   std::uint32_t version_ = 0;
   void* data_;
   std::size_t nbytes_;

@@ -52,8 +52,8 @@ struct TensorImpl {
   // autograd
   bool requires_grad = false;
   bool retains_grad = false;
-  NodePtr grad_fn;  // null for leaves and for tensors outside the graph
-  ImplPtr grad_impl;              // .grad, as an impl so Tensor stays incomplete-free here
+  NodePtr grad_fn;    // null for leaves and for tensors outside the graph
+  ImplPtr grad_impl;  // .grad, as an impl so Tensor stays incomplete-free here
   // Leaves: the node that adds into .grad, made on first use and kept, so recording an op on a
   // parameter creates no node for it. It points back at the leaf without owning it (no cycle);
   // the leaf's destruction clears that pointer.
