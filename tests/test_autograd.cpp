@@ -387,6 +387,55 @@ TEST(ScalarFastPath, SharedGradientIsNotAliasedIntoTwoLeaves) {
   EXPECT_DOUBLE_EQ(b.grad().item(), 2.0);
 }
 
+// Elementwise backwards write over their incoming gradient when nothing else can see it
+// (detail::grad_map). A gradient that is still seen elsewhere must come through unchanged: a
+// retained .grad, a hook's copy, the caller's grad_output, the other input of an add.
+TEST(GradientReuse, SharedGradientsAreNotOverwritten) {
+  const std::vector<double> xv{-1.5, 0.25, 2.0};
+  auto fresh = [&] { return cg::from_vector(std::span<const double>(xv), cg::Dims{3}, {.dtype = cg::DType::Float64}).requires_grad_(); };
+  auto expect_x_grad = [&](const Tensor& x, const std::vector<double>& upstream) {
+    const auto g = x.grad().to_vector<double>();
+    for (std::size_t i = 0; i < xv.size(); ++i) EXPECT_NEAR(g[i], upstream[i] * dsig(xv[i]), 1e-12) << i;
+  };
+  {  // retain_grad on the sigmoid's output
+    Tensor x = fresh();
+    Tensor y = cg::sigmoid(x);
+    y.retain_grad();
+    cg::sum(y * 3.0).backward();
+    EXPECT_EQ(y.grad().to_vector<double>(), (std::vector<double>{3.0, 3.0, 3.0}));
+    expect_x_grad(x, {3.0, 3.0, 3.0});
+  }
+  {  // a hook keeps the gradient it saw
+    Tensor x = fresh();
+    Tensor y = cg::relu(cg::tanh(x));
+    Tensor seen;
+    y.register_hook([&](const Tensor& g) {
+      seen = g;
+      return Tensor();
+    });
+    cg::sum(y * 2.0).backward();
+    EXPECT_EQ(seen.to_vector<double>(), (std::vector<double>{2.0, 2.0, 2.0}));
+  }
+  {  // the caller's grad_output
+    Tensor x = fresh();
+    const std::vector<double> gv{1.0, -2.0, 0.5};
+    const Tensor go = cg::from_vector(std::span<const double>(gv), cg::Dims{3}, {.dtype = cg::DType::Float64});
+    cg::sigmoid(x).backward(go);
+    EXPECT_EQ(go.to_vector<double>(), gv);
+    expect_x_grad(x, gv);
+  }
+  {  // add hands one gradient to both inputs; mul's rule may not overwrite it for the other
+    Tensor x = fresh(), w = s(0.5, true);
+    const Tensor y = cg::sigmoid(x);
+    Tensor z = w * y + y;  // y's gradient: w + 1 from two paths; w's: sum(y)
+    cg::sum(z).backward();
+    expect_x_grad(x, {1.5, 1.5, 1.5});
+    double sum_y = 0;
+    for (double v : xv) sum_y += sig(v);
+    EXPECT_NEAR(w.grad().item(), sum_y, 1e-12);
+  }
+}
+
 // pow's backward without create_graph is one fused pass; it must agree with the composed rule
 // that create_graph uses, for the special-cased exponents and a general one.
 TEST(ScalarFastPath, FusedPowBackwardMatchesComposedRule) {

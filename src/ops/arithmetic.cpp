@@ -10,6 +10,10 @@ using detail::binary_map;
 using detail::record;
 using detail::scalar_like;
 
+namespace {
+constexpr auto times = [](auto x, auto y) { return x * y; };
+}  // namespace
+
 // d(a+b)/da = 1, d(a+b)/db = 1
 Tensor add(const Tensor& a, const Tensor& b) {
   Tensor out = binary_map(a, b, "add", [](auto x, auto y) { return x + y; });
@@ -31,11 +35,17 @@ Tensor sub(const Tensor& a, const Tensor& b) {
 
 // d(ab)/da = b, d(ab)/db = a
 Tensor mul(const Tensor& a, const Tensor& b) {
-  Tensor out = binary_map(a, b, "mul", [](auto x, auto y) { return x * y; });
+  Tensor out = binary_map(a, b, "mul", times);
   if (detail::any_requires_grad({a, b}))
-    record("mul", {a, b}, out, [sa = SavedTensor(a, false), sb = SavedTensor(b, false)](const Tensor& g, const Node& self) {
-      return GradList{self.needs_grad(0) ? mul(g, sb.unpack(self)) : Tensor(),
-                      self.needs_grad(1) ? mul(g, sa.unpack(self)) : Tensor()};
+    record("mul", {a, b}, out, [sa = SavedTensor(a, false), sb = SavedTensor(b, false)](Tensor g, const Node& self) {
+      const bool na = self.needs_grad(0), nb = self.needs_grad(1);
+      if (!GradMode::is_enabled()) {  // the last product may be written over g (grad_map)
+        Tensor ga = na ? (nb ? mul(g, sb.unpack(self)) : detail::grad_map(std::move(g), sb.unpack(self), "mul", times))
+                       : Tensor();
+        Tensor gb = nb ? detail::grad_map(std::move(g), sa.unpack(self), "mul", times) : Tensor();
+        return GradList{std::move(ga), std::move(gb)};
+      }
+      return GradList{na ? mul(g, sb.unpack(self)) : Tensor(), nb ? mul(g, sa.unpack(self)) : Tensor()};
     });
   return out;
 }
@@ -68,13 +78,13 @@ Tensor pow(const Tensor& x, double p) {
   else
     out = detail::unary_map(x, "pow", [p](auto v) { return static_cast<decltype(v)>(std::pow(v, p)); });
   if (detail::any_requires_grad({x}))
-    record("pow", {x}, out, [sx = SavedTensor(x, false), p](const Tensor& g, const Node& self) {
+    record("pow", {x}, out, [sx = SavedTensor(x, false), p](Tensor g, const Node& self) {
       const Tensor& xv = sx.unpack(self);
       if (p == 0.0) return GradList{zeros_like(g)};
       if (!GradMode::is_enabled()) {
         // No graph to record (no create_graph): one fused pass, same arithmetic as below.
         const double q = p - 1.0;
-        return GradList{binary_map(g, xv, "pow_backward", [p, q](auto gv, auto v) {
+        return GradList{detail::grad_map(std::move(g), xv, "pow_backward", [p, q](auto gv, auto v) {
           using T = decltype(v);
           const T xq = q == 1.0 ? v : (q == 2.0 ? v * v : static_cast<T>(std::pow(v, q)));
           return gv * (p == 2.0 ? v * T(2) : xq * static_cast<T>(p));

@@ -37,6 +37,23 @@ Tensor binary_map(const Tensor& a, const Tensor& b, const char* op, F f) {
   return out;
 }
 
+// out = f(g, x) elementwise for a backward rule that records no graph (grad mode off): written
+// over the incoming gradient `g` when the rule holds the only reference to it and to its buffer
+// and it already has the result's shape, dtype and layout. The engine hands each rule its summed
+// gradient by value, so a chain of elementwise backwards then allocates nothing. Otherwise (a
+// gradient still shared, say by add's two inputs or a retain_grad; broadcasting) a fresh tensor.
+template <class F>
+Tensor grad_map(Tensor&& g, const Tensor& x, const char* op, F f) {
+  if (g.defined() && x.defined() && g.dtype() == x.dtype() && is_floating(g.dtype()) && g.shape() == x.shape() &&
+      g.impl_ptr().use_count() == 1 && g.storage().use_count() == 1 && !g.requires_grad() && !g.impl()->extras &&
+      g.is_contiguous()) {
+    Tensor out = std::move(g);
+    dispatch_float(out.dtype(), op, [&]<class T>() { kernels::map_binary<T>(out, x, out.data<T>(), f); });
+    return out;
+  }
+  return binary_map(g, x, op, f);
+}
+
 // A 0-d tensor holding `v` in x's dtype (a double operand does not promote, as in PyTorch).
 inline Tensor scalar_like(const Tensor& x, double v) {
   return full({}, v, {.dtype = is_floating(x.dtype()) ? x.dtype() : DType::Float32});

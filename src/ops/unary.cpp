@@ -32,6 +32,11 @@ Tensor vector_unary(const Tensor& x, const char* op, V vec, F scalar) {
   kernels::parallel_range(c.numel(), [&](std::int64_t lo, std::int64_t hi) { vec(px + lo, po + lo, hi - lo); });
   return out;
 }
+// The elementwise backward formulas, shared by the ops and by the rules' no-graph paths.
+constexpr auto sigmoid_grad = [](auto g, auto s) { return g * s * (1 - s); };
+constexpr auto tanh_grad = [](auto g, auto t) { return g * (1 - t * t); };
+constexpr auto relu_grad = [](auto g, auto y) { return y > 0 ? g : decltype(g)(0); };
+
 template <class T>
 T stable_sigmoid(T v) {
   if (v >= T(0)) return T(1) / (T(1) + std::exp(-v));
@@ -125,8 +130,10 @@ Tensor cos(const Tensor& x) {
 Tensor tanh(const Tensor& x) {
   Tensor out = vector_unary(x, "tanh", kernels::vtanh, [](auto v) { return std::tanh(v); });
   if (detail::any_requires_grad({x}))
-    record("tanh", {x}, out, [so = SavedTensor(out, true)](const Tensor& g, const Node& self) {
-      return GradList{tanh_backward(g, so.unpack(self))};
+    record("tanh", {x}, out, [so = SavedTensor(out, true)](Tensor g, const Node& self) {
+      const Tensor& y = so.unpack(self);
+      if (!GradMode::is_enabled()) return GradList{detail::grad_map(std::move(g), y, "tanh_backward", tanh_grad)};
+      return GradList{tanh_backward(g, y)};
     });
   return out;
 }
@@ -146,15 +153,17 @@ Tensor erf(const Tensor& x) {
 Tensor sigmoid(const Tensor& x) {
   Tensor out = vector_unary(x, "sigmoid", kernels::vsigmoid, [](auto v) { return stable_sigmoid(v); });
   if (detail::any_requires_grad({x}))
-    record("sigmoid", {x}, out, [so = SavedTensor(out, true)](const Tensor& g, const Node& self) {
-      return GradList{sigmoid_backward(g, so.unpack(self))};
+    record("sigmoid", {x}, out, [so = SavedTensor(out, true)](Tensor g, const Node& self) {
+      const Tensor& y = so.unpack(self);
+      if (!GradMode::is_enabled()) return GradList{detail::grad_map(std::move(g), y, "sigmoid_backward", sigmoid_grad)};
+      return GradList{sigmoid_backward(g, y)};
     });
   return out;
 }
 
 // g y (1 - y). d/dg = y (1 - y); d/dy = g (1 - 2y)
 Tensor sigmoid_backward(const Tensor& grad_output, const Tensor& y) {
-  Tensor out = detail::binary_map(grad_output, y, "sigmoid_backward", [](auto g, auto s) { return g * s * (1 - s); });
+  Tensor out = detail::binary_map(grad_output, y, "sigmoid_backward", sigmoid_grad);
   if (detail::any_requires_grad({grad_output, y}))
     record("sigmoid_backward", {grad_output, y}, out,
            [sg = SavedTensor(grad_output, false), sy = SavedTensor(y, false)](const Tensor& gg, const Node& self) {
@@ -167,7 +176,7 @@ Tensor sigmoid_backward(const Tensor& grad_output, const Tensor& y) {
 
 // g (1 - y^2). d/dg = 1 - y^2; d/dy = -2 g y
 Tensor tanh_backward(const Tensor& grad_output, const Tensor& y) {
-  Tensor out = detail::binary_map(grad_output, y, "tanh_backward", [](auto g, auto t) { return g * (1 - t * t); });
+  Tensor out = detail::binary_map(grad_output, y, "tanh_backward", tanh_grad);
   if (detail::any_requires_grad({grad_output, y}))
     record("tanh_backward", {grad_output, y}, out,
            [sg = SavedTensor(grad_output, false), sy = SavedTensor(y, false)](const Tensor& gg, const Node& self) {
@@ -182,15 +191,12 @@ Tensor tanh_backward(const Tensor& grad_output, const Tensor& y) {
 Tensor relu(const Tensor& x) {
   Tensor out = unary_map(x, "relu", [](auto v) { return v > 0 ? v : decltype(v)(0); });
   if (detail::any_requires_grad({x}))
-    record("relu", {x}, out, [so = SavedTensor(out, true)](const Tensor& g, const Node& self) {
+    record("relu", {x}, out, [so = SavedTensor(out, true)](Tensor g, const Node& self) {
       // The output is positive exactly where the input is, so the mask can come from either.
       const Tensor y = so.unpack(self).detach();
       // No graph to record (no create_graph): one pass, no mask tensor. It is the hot backward of
       // every ReLU network; the composed rule below is the same function, and stays differentiable.
-      if (!GradMode::is_enabled())
-        return GradList{detail::binary_map(g, y, "relu_backward", [](auto gv, auto yv) {
-          return yv > 0 ? gv : decltype(gv)(0);
-        })};
+      if (!GradMode::is_enabled()) return GradList{detail::grad_map(std::move(g), y, "relu_backward", relu_grad)};
       const Tensor mask = constant_factor(y, [](auto v) { return decltype(v)(v > 0); });
       return GradList{mul(g, mask)};
     });
