@@ -320,7 +320,9 @@ inline bool any_requires_grad(std::initializer_list<TensorRef> inputs) {
 template <class F>
 class FunctionNode final : public Node {
  public:
-  FunctionNode(const char* name, F fn) : name_(name), fn_(std::move(fn)) {}
+  // (forwarded: the rule's captures, saved tensors among them, are moved once, into the node)
+  template <class G>
+  FunctionNode(const char* name, G&& fn) : name_(name), fn_(std::forward<G>(fn)) {}
   const char* name() const override { return name_; }
   GradList apply(Tensor&& grad_output) override {
     if (!fn_) {
