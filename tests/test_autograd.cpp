@@ -436,6 +436,21 @@ TEST(GradientReuse, SharedGradientsAreNotOverwritten) {
   }
 }
 
+// mul and div keep an input only for the other input's gradient: multiplying by a constant does
+// not keep the other factor alive through the graph, and the gradients are unchanged.
+TEST(SavedInputs, OnlyWhatAGradientNeedsIsKept) {
+  Tensor w = s(0.5, true);
+  const Tensor c = s(3.0), d = s(4.0, true);
+  Tensor h = w * 2.0;
+  Tensor by_constant = cg::mul(h, c), over_constant = cg::div(h, c);
+  EXPECT_EQ(h.impl_ptr().use_count(), 1);  // neither node saved h
+  Tensor by_variable = cg::mul(h, d);
+  EXPECT_EQ(h.impl_ptr().use_count(), 2);  // d's gradient needs h
+  (by_constant + over_constant + by_variable).backward();
+  EXPECT_DOUBLE_EQ(w.grad().item(), 2.0 * (3.0 + 1.0 / 3.0 + 4.0));
+  EXPECT_DOUBLE_EQ(d.grad().item(), 1.0);
+}
+
 // pow's backward without create_graph is one fused pass; it must agree with the composed rule
 // that create_graph uses, for the special-cased exponents and a general one.
 TEST(ScalarFastPath, FusedPowBackwardMatchesComposedRule) {

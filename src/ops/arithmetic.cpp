@@ -12,6 +12,8 @@ using detail::scalar_like;
 
 namespace {
 constexpr auto times = [](auto x, auto y) { return x * y; };
+// An input that only another input's gradient needs is saved only when that input needs one.
+SavedTensor save_if(bool needed, const Tensor& t) { return needed ? SavedTensor(t, false) : SavedTensor(); }
 }  // namespace
 
 // d(a+b)/da = 1, d(a+b)/db = 1
@@ -37,7 +39,9 @@ Tensor sub(const Tensor& a, const Tensor& b) {
 Tensor mul(const Tensor& a, const Tensor& b) {
   Tensor out = binary_map(a, b, "mul", times);
   if (detail::any_requires_grad({a, b}))
-    record("mul", {a, b}, out, [sa = SavedTensor(a, false), sb = SavedTensor(b, false)](Tensor g, const Node& self) {
+    // Each input is needed only for the other's gradient (w x with a constant x keeps no w).
+    record("mul", {a, b}, out,
+           [sa = save_if(b.requires_grad(), a), sb = save_if(a.requires_grad(), b)](Tensor g, const Node& self) {
       const bool na = self.needs_grad(0), nb = self.needs_grad(1);
       if (!GradMode::is_enabled()) {  // the last product may be written over g (grad_map)
         Tensor ga = na ? (nb ? mul(g, sb.unpack(self)) : detail::grad_map(std::move(g), sb.unpack(self), "mul", times))
@@ -54,7 +58,8 @@ Tensor mul(const Tensor& a, const Tensor& b) {
 Tensor div(const Tensor& a, const Tensor& b) {
   Tensor out = binary_map(a, b, "div", [](auto x, auto y) { return x / y; });
   if (detail::any_requires_grad({a, b}))
-    record("div", {a, b}, out, [sa = SavedTensor(a, false), sb = SavedTensor(b, false)](const Tensor& g, const Node& self) {
+    record("div", {a, b}, out, [sa = save_if(b.requires_grad(), a), sb = SavedTensor(b, false)](const Tensor& g,
+                                                                                                 const Node& self) {
       const Tensor& bv = sb.unpack(self);
       return GradList{self.needs_grad(0) ? div(g, bv) : Tensor(),
                       self.needs_grad(1) ? neg(div(mul(g, sa.unpack(self)), square(bv))) : Tensor()};
