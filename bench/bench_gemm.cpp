@@ -115,18 +115,21 @@ void BM_MlpGemmsOwn(benchmark::State& state) {
 BENCHMARK(BM_MlpGemmsOwn)->Arg(64)->Arg(256)->Arg(1024)->UseRealTime()->MinTime(0.5);
 
 // One product of the MLP step at a time: range(0) = batch, range(1) = index in mlp_products,
-// range(2) = 0 for the own kernel, 1 for oneDNN.
+// range(2) = 0 for the own kernel, 1 for oneDNN, 2 for gemm<float> as chaingrad runs it (oneDNN,
+// or the thin kernels of sgemm_thin.cpp for the last layer's three products).
 void BM_MlpProduct(benchmark::State& state) {
   const auto all = mlp_products(state.range(0));
   const Product p = all[static_cast<std::size_t>(state.range(1))];
-  const bool own = state.range(2) == 0;
-  if (own && !kc::sgemm_avx512_available()) return state.SkipWithError("no AVX-512F on this CPU");
+  const int path = static_cast<int>(state.range(2));
+  if (path == 0 && !kc::sgemm_avx512_available()) return state.SkipWithError("no AVX-512F on this CPU");
+  const char* names[] = {" own", " onednn", " chaingrad"};
+  const FloatGemm fns[] = {kc::sgemm_avx512, kc::gemm_onednn, chaingrad_gemm};
   state.SetLabel(std::string(p.ta ? "T" : "N") + (p.tb ? "T" : "N") + " " + std::to_string(p.m) + "x" +
-                 std::to_string(p.n) + "x" + std::to_string(p.k) + (own ? " own" : " onednn"));
-  run_products(state, {p}, own ? kc::sgemm_avx512 : kc::gemm_onednn);
+                 std::to_string(p.n) + "x" + std::to_string(p.k) + names[path]);
+  run_products(state, {p}, fns[path]);
 }
 BENCHMARK(BM_MlpProduct)
-    ->ArgsProduct({{64, 256, 1024}, {0, 1, 2, 3, 4, 5, 6, 7}, {0, 1}})
+    ->ArgsProduct({{64, 256, 1024}, {0, 1, 2, 3, 4, 5, 6, 7}, {0, 1, 2}})
     ->UseRealTime()
     ->MinTime(0.2);
 

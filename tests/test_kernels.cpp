@@ -9,6 +9,8 @@
 #include <limits>
 #include <stdexcept>
 #include <thread>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "chaingrad/error.hpp"
@@ -16,6 +18,7 @@
 #include "chaingrad/tensor.hpp"
 #include "kernels/cpu/gemm.hpp"
 #include "kernels/cpu/parallel.hpp"
+#include "kernels/cpu/sgemm_thin.hpp"
 #include "kernels/cpu/vector_math.hpp"
 
 namespace cg = chaingrad;
@@ -42,16 +45,23 @@ struct GemmCase {
   double alpha, beta;
 };
 
+using FloatProduct = void (*)(bool, bool, std::int64_t, std::int64_t, std::int64_t, float, const float*, std::int64_t,
+                             const float*, std::int64_t, float, float*, std::int64_t);
+
 // C = alpha op(A) op(B) + beta C with padded leading dimensions, checked against a double loop.
+// `product` defaults to kernels::gemm<T>.
 template <class T>
-void check_gemm(const GemmCase& g, double tol) {
+void check_gemm(const GemmCase& g, double tol, FloatProduct product = nullptr) {
   const std::int64_t a_rows = g.ta ? g.k : g.m, a_cols = g.ta ? g.m : g.k;
   const std::int64_t b_rows = g.tb ? g.n : g.k, b_cols = g.tb ? g.k : g.n;
   const std::int64_t lda = a_cols + 3, ldb = b_cols + 5, ldc = g.n + 2;
   const auto a = pattern<T>(a_rows * lda, 1), b = pattern<T>(b_rows * ldb, 2);
   auto c = pattern<T>(g.m * ldc, 3);
   const auto c0 = c;
-  kc::gemm<T>(g.ta, g.tb, g.m, g.n, g.k, T(g.alpha), a.data(), lda, b.data(), ldb, T(g.beta), c.data(), ldc);
+  if constexpr (std::is_same_v<T, float>) {
+    if (product) product(g.ta, g.tb, g.m, g.n, g.k, T(g.alpha), a.data(), lda, b.data(), ldb, T(g.beta), c.data(), ldc);
+  }
+  if (!product) kc::gemm<T>(g.ta, g.tb, g.m, g.n, g.k, T(g.alpha), a.data(), lda, b.data(), ldb, T(g.beta), c.data(), ldc);
   for (std::int64_t i = 0; i < g.m; ++i) {
     for (std::int64_t j = 0; j < ldc; ++j) {
       const double got = c[static_cast<std::size_t>(i * ldc + j)];
@@ -77,13 +87,19 @@ void check_gemm(const GemmCase& g, double tol) {
 const std::vector<GemmCase>& gemm_cases() {
   static const std::vector<GemmCase> cases = [] {
     std::vector<GemmCase> v;
-    // Small (serial), tall (split by rows), wide (split by columns, not a multiple of 16), thin k.
-    const std::int64_t shapes[][3] = {{3, 5, 7}, {1, 1, 1}, {257, 33, 129}, {31, 517, 65}, {64, 784, 9}, {300, 300, 1}};
+    // Small (serial), tall (split by rows), wide (split by columns, not a multiple of 16), thin k;
+    // a few logits (n = 10: the thin kernels for A B^T, and for A^T B and A B in the transposes).
+    const std::int64_t shapes[][3] = {{3, 5, 7},    {1, 1, 1},      {257, 33, 129}, {31, 517, 65},
+                                      {64, 784, 9}, {300, 300, 1},  {1030, 10, 257}, {10, 1030, 257},
+                                      {258, 300, 10}};
     for (const auto& s : shapes)
       for (bool ta : {false, true})
         for (bool tb : {false, true}) v.push_back({ta, tb, s[0], s[1], s[2], 1.0, 0.0});
     v.push_back({false, true, 129, 200, 70, -0.5, 1.0});
     v.push_back({true, false, 200, 129, 70, 2.0, 0.25});
+    v.push_back({false, true, 130, 10, 70, -0.5, 1.0});
+    v.push_back({true, false, 10, 130, 70, 2.0, 0.25});
+    v.push_back({false, false, 130, 77, 10, 1.5, -1.0});
     return v;
   }();
   return cases;
@@ -104,6 +120,35 @@ TEST(Gemm, Float64MatchesTripleLoopForEveryLayoutAndThreadCount) {
   for (int threads : {1, 2, 3}) {
     kc::set_num_threads(threads);
     for (const auto& g : gemm_cases()) check_gemm<double>(g, 1e-12);
+  }
+}
+
+// The thin kernels on their own, over every register block and tail they have: each short side
+// from 1 to 16, rows and columns that leave every remainder, k below, at and past a vector.
+TEST(Gemm, ThinKernelsMatchTripleLoopForEveryBlockAndTail) {
+  if (!kc::sgemm_thin_applies(false, true, 4, 4, 4)) GTEST_SKIP() << "no AVX-512F on this CPU";
+  for (std::int64_t s = 1; s <= kc::kThinMax; ++s)
+    for (const std::int64_t l : {1, 5, 7, 13, 67})
+      for (const std::int64_t k : {1, 15, 16, 17, 40}) {
+        check_gemm<float>({false, true, l, s, k, 1.0, 0.0}, 1e-5, kc::sgemm_thin);   // A B^T, n short
+        check_gemm<float>({true, false, s, l + 64, k, -0.5, 1.0}, 1e-5, kc::sgemm_thin);  // A^T B, m short
+      }
+  for (std::int64_t k = 1; k <= kc::kThinMax; ++k)
+    for (const std::int64_t m : {1, 5, 6, 7, 13})
+      for (const std::int64_t n : {1, 16, 17, 64, 65, 150})
+        check_gemm<float>({false, false, m, n, k, 2.0, 0.5}, 1e-5, kc::sgemm_thin);  // A B, k short
+  EXPECT_FALSE(kc::sgemm_thin_applies(true, true, 4, 4, 4));
+  EXPECT_FALSE(kc::sgemm_thin_applies(false, true, 4, kc::kThinMax + 1, 4));
+}
+
+TEST(Gemm, ThinKernelsWithBetaZeroOverwriteNan) {
+  if (!kc::sgemm_thin_applies(false, true, 4, 4, 4)) GTEST_SKIP() << "no AVX-512F on this CPU";
+  const std::vector<float> a(6 * 20, 0.5f), b(20 * 6, 0.25f);
+  for (const auto& [ta, tb, m, n, k] : {std::tuple{false, true, 6, 3, 20}, std::tuple{true, false, 3, 6, 20},
+                                        std::tuple{false, false, 6, 6, 3}}) {
+    std::vector<float> c(static_cast<std::size_t>(m * n), NAN);
+    kc::sgemm_thin(ta, tb, m, n, k, 1.f, a.data(), ta ? m : k, b.data(), tb ? k : n, 0.f, c.data(), n);
+    for (const float x : c) EXPECT_FLOAT_EQ(x, 0.125f * static_cast<float>(k)) << "ta=" << ta << " tb=" << tb;
   }
 }
 

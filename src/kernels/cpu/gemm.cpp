@@ -16,6 +16,7 @@
 #include "kernels/cpu/openmp_control.hpp"
 #include "kernels/cpu/parallel.hpp"
 #include "kernels/cpu/sgemm_avx512.hpp"
+#include "kernels/cpu/sgemm_thin.hpp"
 
 // float32 products go to oneDNN's sgemm: its JIT kernels use AVX-512 where the CPU has it, whatever
 // OPENBLAS_CORETYPE says, and on this project's MLP products they run 1.2-1.6x faster than
@@ -39,8 +40,14 @@ void make_openblas_single_threaded() {
   std::call_once(once, [] { openblas_set_num_threads(1); });
 }
 
+// `thin`: the whole product has a side of at most 16 (a layer with few outputs) and runs on
+// sgemm_thin.cpp's kernels (BENCHMARKS.md, "The thin products"). It is decided on the whole
+// product, never on a thread's block of it, so that every block runs the same kernel whatever
+// the thread count.
 void serial_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,
-                 std::int64_t lda, const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
+                 std::int64_t lda, const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc,
+                 bool thin) {
+  if (thin) return sgemm_thin(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   SingleThreadedOpenMp one_thread;
   const dnnl_status_t st =
       dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
@@ -49,7 +56,8 @@ void serial_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t 
 }
 
 void serial_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, double alpha, const double* a,
-                 std::int64_t lda, const double* b, std::int64_t ldb, double beta, double* c, std::int64_t ldc) {
+                 std::int64_t lda, const double* b, std::int64_t ldb, double beta, double* c, std::int64_t ldc,
+                 bool /*thin: float32 only*/) {
   make_openblas_single_threaded();
   cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, static_cast<int>(m),
               static_cast<int>(n), static_cast<int>(k), alpha, a, static_cast<int>(lda), b, static_cast<int>(ldb), beta,
@@ -61,7 +69,7 @@ void serial_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t 
 // long as the library's kernel is (it is, for these two).
 template <class T>
 void split_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* a, std::int64_t lda,
-                const T* b, std::int64_t ldb, T beta, T* c, std::int64_t ldc) {
+                const T* b, std::int64_t ldb, T beta, T* c, std::int64_t ldc, bool thin) {
   const double flops = 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
   const int threads = flops < kMinParallelFlops ? 1 : num_threads();
   const bool by_rows = m >= n;
@@ -69,7 +77,7 @@ void split_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k
   const std::int64_t units = (extent + align - 1) / align;
   const int parts = static_cast<int>(std::min<std::int64_t>(threads, units));
   if (parts <= 1) {
-    serial_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    serial_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, thin);
     return;
   }
   parallel_for(parts, [&](int p) {
@@ -79,11 +87,11 @@ void split_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k
     if (by_rows) {
       // Rows [lo, hi) of op(A) and of C.
       const T* a_block = ta ? a + lo : a + lo * lda;
-      serial_gemm(ta, tb, hi - lo, n, k, alpha, a_block, lda, b, ldb, beta, c + lo * ldc, ldc);
+      serial_gemm(ta, tb, hi - lo, n, k, alpha, a_block, lda, b, ldb, beta, c + lo * ldc, ldc, thin);
     } else {
       // Columns [lo, hi) of op(B) and of C.
       const T* b_block = tb ? b + lo * ldb : b + lo;
-      serial_gemm(ta, tb, m, hi - lo, k, alpha, a, lda, b_block, ldb, beta, c + lo, ldc);
+      serial_gemm(ta, tb, m, hi - lo, k, alpha, a, lda, b_block, ldb, beta, c + lo, ldc, thin);
     }
   });
 }
@@ -120,7 +128,8 @@ void scale_only(std::int64_t m, std::int64_t n, T beta, T* c, std::int64_t ldc) 
 // 1024x256x256 own/oneDNN 1.04-1.10 with hot operands called back to back, 0.98 in BM_MlpProduct),
 // so no default rests on them (BENCHMARKS.md, "The products").
 // The choice depends on the shape only, never on the thread count, so results stay the same for
-// any thread count. CHAINGRAD_SGEMM=onednn (or unset) keeps every product on oneDNN.
+// any thread count. Unset, the products go to oneDNN except the thin ones (use_thin_sgemm);
+// CHAINGRAD_SGEMM=onednn keeps every product on oneDNN, thin ones included.
 bool use_own_sgemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k) {
   static const bool own = [] {
     const char* e = std::getenv("CHAINGRAD_SGEMM");
@@ -128,6 +137,16 @@ bool use_own_sgemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_
   }();
   if (!own || ta || std::min(n, k) < 32) return false;
   return m >= (tb ? 1024 : 512);
+}
+
+// Whether gemm<float> runs the whole product on sgemm_thin.cpp's kernels: a side of at most 16
+// (a layer with a few outputs), unless CHAINGRAD_SGEMM=onednn.
+bool use_thin_sgemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k) {
+  static const bool allowed = [] {
+    const char* e = std::getenv("CHAINGRAD_SGEMM");
+    return !(e && std::string(e) == "onednn");
+  }();
+  return allowed && sgemm_thin_applies(ta, tb, m, n, k);
 }
 
 std::atomic<bool> profiling{false};
@@ -157,7 +176,7 @@ void gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, T al
     if constexpr (std::is_same_v<T, float>) {
       if (use_own_sgemm(ta, tb, m, n, k)) return sgemm_avx512(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     }
-    split_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    split_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, std::is_same_v<T, float> && use_thin_sgemm(ta, tb, m, n, k));
   };
   if (!profiling.load(std::memory_order_relaxed)) [[likely]]
     return run();
@@ -173,7 +192,7 @@ void gemm_onednn(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t 
                  std::int64_t lda, const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
   if (m == 0 || n == 0) return;
   if (k == 0) return scale_only(m, n, beta, c, ldc);
-  split_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  split_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, /*thin=*/false);
 }
 
 void warm_up_gemm() {
@@ -187,7 +206,7 @@ void warm_up_gemm() {
         const bool ta = t & 1, tb = t & 2;
         const std::int64_t m = s[0], n = s[1], k = s[2];
         for (const float beta : {0.f, 1.f})
-          serial_gemm(ta, tb, m, n, k, 1.f, a.data(), ta ? m : k, b.data(), tb ? k : n, beta, c.data(), n);
+          serial_gemm(ta, tb, m, n, k, 1.f, a.data(), ta ? m : k, b.data(), tb ? k : n, beta, c.data(), n, false);
       }
   });
 }

@@ -1,7 +1,9 @@
 #pragma once
 // C = alpha op(A) op(B) + beta C, row-major, BLAS semantics. float32 runs on oneDNN's sgemm (or, with
 // CHAINGRAD_SGEMM=own on a CPU with AVX-512F, on chaingrad's own kernel for some shapes:
-// sgemm_avx512.hpp), float64 on OpenBLAS, split across chaingrad's thread pool (gemm.cpp says why).
+// sgemm_avx512.hpp), except products with a side of at most 16, which run on chaingrad's thin
+// kernels where the CPU has AVX-512F (sgemm_thin.hpp; CHAINGRAD_SGEMM=onednn turns them off);
+// float64 on OpenBLAS, split across chaingrad's thread pool (gemm.cpp says why).
 #include <cstdint>
 
 namespace chaingrad::kernels {

@@ -1,0 +1,257 @@
+#include "kernels/cpu/sgemm_thin.hpp"
+
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "kernels/cpu/sgemm_avx512.hpp"
+
+// Three register-blocked loops, one per thin layout, none packing anything:
+//  - A B^T, n small (the logits Y = X W^T): every C[i][j] is a dot product of two rows, A's i-th
+//    and B's j-th. Three rows of A against up to eight of B at a time, 16 lanes of k per step
+//    into 24 accumulators; each accumulator is summed across its lanes at the end (eight at once:
+//    sum_lanes8), so C[i][j] = sum over lanes of (sum over k steps), an order fixed by k alone.
+//  - A B, k small (dX = G W): a rank-k update. Four rows of C by four vectors of columns, one row
+//    of B (a few KB, in L1 throughout) loaded per k and multiplied by a broadcast of A.
+//  - A^T B, m small (dW = G^T X): all m rows of C (in groups of up to eight) by a strip of columns
+//    in registers while k streams past: per k one row of B's strip and m broadcasts of A's row k.
+// In the last two every element of C is a plain sum over k in order.
+// Every function that runs AVX-512 instructions carries target("avx512f"), as in sgemm_avx512.cpp.
+
+// GCC 12's shuffle, mask and set intrinsics start from an undefined register, which
+// -W(maybe-)uninitialized reports at every use (a false positive: every lane used is written).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace chaingrad::kernels {
+namespace {
+
+#define CG_AVX512 __attribute__((target("avx512f")))
+// Fully unrolled, so that GCC keeps the accumulator arrays in registers (left as loops, it stores
+// them to the stack on every k step).
+#define CG_UNROLL _Pragma("GCC unroll 32")
+
+inline __mmask16 lanes(std::int64_t count) {
+  return count <= 0 ? __mmask16{0} : count >= 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << count) - 1);
+}
+
+// C = alpha acc + beta C on the lanes in `mask` (beta = 0 does not read C).
+CG_AVX512 inline void store_c(float* c, __m512 acc, __mmask16 mask, float alpha, float beta) {
+  __m512 r = _mm512_mul_ps(acc, _mm512_set1_ps(alpha));
+  if (beta != 0.0f) r = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, c), _mm512_set1_ps(beta), r);
+  _mm512_mask_storeu_ps(c, mask, r);
+}
+
+// The lane sums of v[0..7], in lanes 0..7 of the result (lanes 8..15 hold copies). All in 512-bit
+// registers: GCC 12 reports its own 256-bit extract and insert intrinsics as uninitialized.
+CG_AVX512 inline __m512 sum_lanes8(const __m512 v[8]) {
+  __m512 t[4], u[2];
+  // Within each 128-bit block: t[i] = [a0+a2, b0+b2, a1+a3, b1+b3] for a = v[2i], b = v[2i+1].
+  CG_UNROLL
+  for (int i = 0; i < 4; ++i)
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  // u[h] = each block's sums of v[4h..4h+3].
+  CG_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    const __m512d x = _mm512_castps_pd(t[2 * h]), y = _mm512_castps_pd(t[2 * h + 1]);
+    u[h] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  // Blocks [u0.0+u0.1, u0.2+u0.3, u1.0+u1.1, u1.2+u1.3], then each pair of blocks summed.
+  const __m512 w = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+  const __m512 z = _mm512_add_ps(w, _mm512_shuffle_f32x4(w, w, 0xB1));
+  return _mm512_shuffle_f32x4(z, z, 0x08);
+}
+
+// ---- A B^T with n small: rows [0, R) of A against columns [0, NB) of B^T ----
+template <int R, int NB>
+CG_AVX512 __attribute__((always_inline)) inline void nt_step(__m512 (&acc)[R][8], const float* a, std::int64_t lda,
+                                                            const float* b, std::int64_t ldb, __mmask16 mask) {
+  __m512 av[R];
+  CG_UNROLL
+  for (int r = 0; r < R; ++r) av[r] = _mm512_maskz_loadu_ps(mask, a + r * lda);
+  CG_UNROLL
+  for (int j = 0; j < NB; ++j) {
+    const __m512 bv = _mm512_maskz_loadu_ps(mask, b + j * ldb);
+    CG_UNROLL
+    for (int r = 0; r < R; ++r) acc[r][j] = _mm512_fmadd_ps(av[r], bv, acc[r][j]);
+  }
+}
+
+template <int R, int NB>
+CG_AVX512 void nt_block(std::int64_t k, float alpha, const float* a, std::int64_t lda, const float* b,
+                        std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
+  __m512 acc[R][8];
+  CG_UNROLL
+  for (int r = 0; r < R; ++r)
+    CG_UNROLL
+    for (int j = 0; j < 8; ++j) acc[r][j] = _mm512_setzero_ps();
+  std::int64_t p = 0;
+  for (; p + 16 <= k; p += 16) nt_step<R, NB>(acc, a + p, lda, b + p, ldb, 0xFFFF);
+  if (p < k) nt_step<R, NB>(acc, a + p, lda, b + p, ldb, lanes(k - p));
+  CG_UNROLL
+  for (int r = 0; r < R; ++r) store_c(c + r * ldc, sum_lanes8(acc[r]), lanes(NB), alpha, beta);
+}
+
+template <int NB>
+CG_AVX512 void nt_columns(std::int64_t m, std::int64_t k, float alpha, const float* a, std::int64_t lda,
+                          const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
+  constexpr int R = NB <= 6 ? 4 : 3;  // accumulators R x NB <= 24 of the 32 registers
+  std::int64_t i = 0;
+  for (; i + R <= m; i += R) nt_block<R, NB>(k, alpha, a + i * lda, lda, b, ldb, beta, c + i * ldc, ldc);
+  for (; i < m; ++i) nt_block<1, NB>(k, alpha, a + i * lda, lda, b, ldb, beta, c + i * ldc, ldc);
+}
+
+CG_AVX512 void thin_nt(std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a, std::int64_t lda,
+                       const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
+  // Columns in groups of at most eight, as even as possible (10 = 5 + 5: four rows at a time).
+  // (One group of ten, two rows at a time, measured 1.3-1.6x slower: twelve loads per 20 FMAs.)
+  const std::int64_t groups = (n + 7) / 8;
+  for (std::int64_t g = 0, j0 = 0; g < groups; ++g) {
+    const std::int64_t j1 = n * (g + 1) / groups;
+    const float* bj = b + j0 * ldb;
+    float* cj = c + j0;
+    switch (j1 - j0) {
+      case 1: nt_columns<1>(m, k, alpha, a, lda, bj, ldb, beta, cj, ldc); break;
+      case 2: nt_columns<2>(m, k, alpha, a, lda, bj, ldb, beta, cj, ldc); break;
+      case 3: nt_columns<3>(m, k, alpha, a, lda, bj, ldb, beta, cj, ldc); break;
+      case 4: nt_columns<4>(m, k, alpha, a, lda, bj, ldb, beta, cj, ldc); break;
+      case 5: nt_columns<5>(m, k, alpha, a, lda, bj, ldb, beta, cj, ldc); break;
+      case 6: nt_columns<6>(m, k, alpha, a, lda, bj, ldb, beta, cj, ldc); break;
+      case 7: nt_columns<7>(m, k, alpha, a, lda, bj, ldb, beta, cj, ldc); break;
+      default: nt_columns<8>(m, k, alpha, a, lda, bj, ldb, beta, cj, ldc); break;
+    }
+    j0 = j1;
+  }
+}
+
+// ---- A B with k small: rows [0, R) of C by V vectors of columns ----
+template <int R, int V>
+CG_AVX512 void nn_block(std::int64_t k, float alpha, const float* a, std::int64_t lda, const float* b,
+                        std::int64_t ldb, float beta, float* c, std::int64_t ldc, std::int64_t cols) {
+  __mmask16 mask[V];
+  CG_UNROLL
+  for (int v = 0; v < V; ++v) mask[v] = lanes(cols - 16 * v);
+  __m512 acc[R][V];
+  CG_UNROLL
+  for (int r = 0; r < R; ++r)
+    CG_UNROLL
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (std::int64_t p = 0; p < k; ++p) {
+    __m512 bv[V];
+    CG_UNROLL
+    for (int v = 0; v < V; ++v) bv[v] = _mm512_maskz_loadu_ps(mask[v], b + p * ldb + 16 * v);
+    CG_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r * lda + p]);
+      CG_UNROLL
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+    }
+  }
+  CG_UNROLL
+  for (int r = 0; r < R; ++r)
+    CG_UNROLL
+    for (int v = 0; v < V; ++v) store_c(c + r * ldc + 16 * v, acc[r][v], mask[v], alpha, beta);
+}
+
+template <int R>
+CG_AVX512 void nn_rows(std::int64_t n, std::int64_t k, float alpha, const float* a, std::int64_t lda, const float* b,
+                       std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
+  constexpr int V = 4;
+  std::int64_t j = 0;
+  for (; j + 16 * V <= n; j += 16 * V) nn_block<R, V>(k, alpha, a, lda, b + j, ldb, beta, c + j, ldc, 16 * V);
+  for (; j < n; j += 16) nn_block<R, 1>(k, alpha, a, lda, b + j, ldb, beta, c + j, ldc, n - j);
+}
+
+CG_AVX512 void thin_nn(std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a, std::int64_t lda,
+                       const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
+  constexpr int R = 6;
+  std::int64_t i = 0;
+  for (; i + R <= m; i += R) nn_rows<R>(n, k, alpha, a + i * lda, lda, b, ldb, beta, c + i * ldc, ldc);
+  for (; i < m; ++i) nn_rows<1>(n, k, alpha, a + i * lda, lda, b, ldb, beta, c + i * ldc, ldc);
+}
+
+// ---- A^T B with m small: rows [0, R) of C by V vectors of columns, k streaming ----
+template <int R, int V>
+CG_AVX512 void tn_block(std::int64_t k, float alpha, const float* a, std::int64_t lda, const float* b,
+                        std::int64_t ldb, float beta, float* c, std::int64_t ldc, std::int64_t cols) {
+  __mmask16 mask[V];
+  CG_UNROLL
+  for (int v = 0; v < V; ++v) mask[v] = lanes(cols - 16 * v);
+  __m512 acc[R][V];
+  CG_UNROLL
+  for (int r = 0; r < R; ++r)
+    CG_UNROLL
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (std::int64_t p = 0; p < k; ++p) {
+    __m512 bv[V];
+    CG_UNROLL
+    for (int v = 0; v < V; ++v) bv[v] = _mm512_maskz_loadu_ps(mask[v], b + p * ldb + 16 * v);
+    CG_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(a[p * lda + r]);
+      CG_UNROLL
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+    }
+  }
+  CG_UNROLL
+  for (int r = 0; r < R; ++r)
+    CG_UNROLL
+    for (int v = 0; v < V; ++v) store_c(c + r * ldc + 16 * v, acc[r][v], mask[v], alpha, beta);
+}
+
+template <int R>
+CG_AVX512 void tn_rows(std::int64_t n, std::int64_t k, float alpha, const float* a, std::int64_t lda, const float* b,
+                       std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
+  constexpr int V = R <= 4 ? 4 : R <= 6 ? 3 : 2;  // accumulators R x V <= 24
+  std::int64_t j = 0;
+  for (; j + 16 * V <= n; j += 16 * V) tn_block<R, V>(k, alpha, a, lda, b + j, ldb, beta, c + j, ldc, 16 * V);
+  for (; j < n; j += 16) tn_block<R, 1>(k, alpha, a, lda, b + j, ldb, beta, c + j, ldc, n - j);
+}
+
+CG_AVX512 void thin_tn(std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a, std::int64_t lda,
+                       const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
+  // Rows in groups of at most eight, as even as possible (10 = 5 + 5).
+  const std::int64_t groups = (m + 7) / 8;
+  for (std::int64_t g = 0, i0 = 0; g < groups; ++g) {
+    const std::int64_t i1 = m * (g + 1) / groups;
+    const float* ai = a + i0;
+    float* ci = c + i0 * ldc;
+    switch (i1 - i0) {
+      case 1: tn_rows<1>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
+      case 2: tn_rows<2>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
+      case 3: tn_rows<3>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
+      case 4: tn_rows<4>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
+      case 5: tn_rows<5>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
+      case 6: tn_rows<6>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
+      case 7: tn_rows<7>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
+      default: tn_rows<8>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
+    }
+    i0 = i1;
+  }
+}
+
+}  // namespace
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+bool sgemm_thin_applies(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k) {
+  if (!sgemm_avx512_available()) return false;
+  if (!ta && tb) return n <= kThinMax;
+  if (!ta && !tb) return k <= kThinMax;
+  if (ta && !tb) return m <= kThinMax;
+  return false;
+}
+
+void sgemm_thin(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,
+                std::int64_t lda, const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
+  if (!ta && tb) return thin_nt(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  if (!ta && !tb) return thin_nn(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  thin_tn(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+}  // namespace chaingrad::kernels
