@@ -95,36 +95,43 @@ CG_AVX512 void nt_block(std::int64_t k, float alpha, const float* a, std::int64_
   for (int r = 0; r < R; ++r) store_c(c + r * ldc, sum_lanes8(acc[r]), lanes(NB), alpha, beta);
 }
 
-template <int NB>
-CG_AVX512 void nt_columns(std::int64_t m, std::int64_t k, float alpha, const float* a, std::int64_t lda,
-                          const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
-  constexpr int R = NB <= 6 ? 4 : 3;  // accumulators R x NB <= 24 of the 32 registers
-  std::int64_t i = 0;
-  for (; i + R <= m; i += R) nt_block<R, NB>(k, alpha, a + i * lda, lda, b, ldb, beta, c + i * ldc, ldc);
-  for (; i < m; ++i) nt_block<1, NB>(k, alpha, a + i * lda, lda, b, ldb, beta, c + i * ldc, ldc);
-}
-
-CG_AVX512 void thin_nt(std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a, std::int64_t lda,
-                       const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
-  // Columns in groups of at most eight, as even as possible (10 = 5 + 5: four rows at a time).
-  // (One group of ten, two rows at a time, measured 1.3-1.6x slower: twelve loads per 20 FMAs.)
+// Rows [0, R) of C, columns in groups of at most eight (each group's R x NB accumulators fit in
+// registers); the groups follow each other on the same rows of A, which are then in L1.
+template <int R>
+CG_AVX512 void nt_rows(std::int64_t n, std::int64_t k, float alpha, const float* a, std::int64_t lda, const float* b,
+                       std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
   const std::int64_t groups = (n + 7) / 8;
   for (std::int64_t g = 0, j0 = 0; g < groups; ++g) {
     const std::int64_t j1 = n * (g + 1) / groups;
     const float* bj = b + j0 * ldb;
     float* cj = c + j0;
     switch (j1 - j0) {
-      case 1: nt_columns<1>(m, k, alpha, a, lda, bj, ldb, beta, cj, ldc); break;
-      case 2: nt_columns<2>(m, k, alpha, a, lda, bj, ldb, beta, cj, ldc); break;
-      case 3: nt_columns<3>(m, k, alpha, a, lda, bj, ldb, beta, cj, ldc); break;
-      case 4: nt_columns<4>(m, k, alpha, a, lda, bj, ldb, beta, cj, ldc); break;
-      case 5: nt_columns<5>(m, k, alpha, a, lda, bj, ldb, beta, cj, ldc); break;
-      case 6: nt_columns<6>(m, k, alpha, a, lda, bj, ldb, beta, cj, ldc); break;
-      case 7: nt_columns<7>(m, k, alpha, a, lda, bj, ldb, beta, cj, ldc); break;
-      default: nt_columns<8>(m, k, alpha, a, lda, bj, ldb, beta, cj, ldc); break;
+      case 1: nt_block<R, 1>(k, alpha, a, lda, bj, ldb, beta, cj, ldc); break;
+      case 2: nt_block<R, 2>(k, alpha, a, lda, bj, ldb, beta, cj, ldc); break;
+      case 3: nt_block<R, 3>(k, alpha, a, lda, bj, ldb, beta, cj, ldc); break;
+      case 4: nt_block<R, 4>(k, alpha, a, lda, bj, ldb, beta, cj, ldc); break;
+      case 5: nt_block<R, 5>(k, alpha, a, lda, bj, ldb, beta, cj, ldc); break;
+      case 6: nt_block<R, 6>(k, alpha, a, lda, bj, ldb, beta, cj, ldc); break;
+      case 7: nt_block<R, 7>(k, alpha, a, lda, bj, ldb, beta, cj, ldc); break;
+      default: nt_block<R, 8>(k, alpha, a, lda, bj, ldb, beta, cj, ldc); break;
     }
     j0 = j1;
   }
+}
+
+CG_AVX512 void thin_nt(std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a, std::int64_t lda,
+                       const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
+  // Groups as even as possible (10 = 5 + 5); four rows at a time when no group is wider than six
+  // (accumulators R x NB <= 24 of the 32 registers). (One group of ten, two rows at a time,
+  // measured 1.3-1.6x slower: twelve loads per 20 FMAs.)
+  const std::int64_t widest = (n + (n + 7) / 8 - 1) / ((n + 7) / 8);
+  std::int64_t i = 0;
+  if (widest <= 6) {
+    for (; i + 4 <= m; i += 4) nt_rows<4>(n, k, alpha, a + i * lda, lda, b, ldb, beta, c + i * ldc, ldc);
+  } else {
+    for (; i + 3 <= m; i += 3) nt_rows<3>(n, k, alpha, a + i * lda, lda, b, ldb, beta, c + i * ldc, ldc);
+  }
+  for (; i < m; ++i) nt_rows<1>(n, k, alpha, a + i * lda, lda, b, ldb, beta, c + i * ldc, ldc);
 }
 
 // ---- A B with k small: rows [0, R) of C by V vectors of columns ----
@@ -213,8 +220,10 @@ CG_AVX512 void tn_rows(std::int64_t n, std::int64_t k, float alpha, const float*
 
 CG_AVX512 void thin_tn(std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a, std::int64_t lda,
                        const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
-  // Rows in groups of at most eight, as even as possible (10 = 5 + 5).
-  const std::int64_t groups = (m + 7) / 8;
+  // Rows in groups of at most twelve, as even as possible, so that B streams past once for up to
+  // twelve rows (the MLP's 10: 2 vectors of columns at a time; as 5 + 5 rows, 0.8x oneDNN's speed
+  // at k = 1024, where B no longer fits in L2 twice).
+  const std::int64_t groups = (m + 11) / 12;
   for (std::int64_t g = 0, i0 = 0; g < groups; ++g) {
     const std::int64_t i1 = m * (g + 1) / groups;
     const float* ai = a + i0;
@@ -227,7 +236,11 @@ CG_AVX512 void thin_tn(std::int64_t m, std::int64_t n, std::int64_t k, float alp
       case 5: tn_rows<5>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
       case 6: tn_rows<6>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
       case 7: tn_rows<7>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
-      default: tn_rows<8>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
+      case 8: tn_rows<8>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
+      case 9: tn_rows<9>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
+      case 10: tn_rows<10>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
+      case 11: tn_rows<11>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
+      default: tn_rows<12>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
     }
     i0 = i1;
   }
