@@ -8,14 +8,16 @@
 
 // Three register-blocked loops, one per thin layout, none packing anything:
 //  - A B^T, n small (the logits Y = X W^T): every C[i][j] is a dot product of two rows, A's i-th
-//    and B's j-th. Three rows of A against up to eight of B at a time, 16 lanes of k per step
-//    into 24 accumulators; each accumulator is summed across its lanes at the end (eight at once:
-//    sum_lanes8), so C[i][j] = sum over lanes of (sum over k steps), an order fixed by k alone.
-//  - A B, k small (dX = G W): a rank-k update. Four rows of C by four vectors of columns, one row
-//    of B (a few KB, in L1 throughout) loaded per k and multiplied by a broadcast of A.
-//  - A^T B, m small (dW = G^T X): all m rows of C (in groups of up to eight) by a strip of columns
-//    in registers while k streams past: per k one row of B's strip and m broadcasts of A's row k.
-// In the last two every element of C is a plain sum over k in order.
+//    and B's j-th. Up to four rows of A against up to eight of B at a time (24 accumulators at
+//    most), 16 lanes of k per step; the column groups follow each other on the same rows of A
+//    (then in L1); each accumulator is summed across its lanes at the end, eight at once
+//    (sum_lanes8), so C[i][j] = sum over lanes of (sum over k steps), an order fixed by k alone.
+//  - A B, k small (dX = G W): a rank-k update. Six rows of C by four vectors of columns, one row
+//    of B (a few KB, in L1 throughout) loaded per k and multiplied by broadcasts of A.
+//  - A^T B, m small (dW = G^T X): up to twelve rows of C by a strip of columns in registers while
+//    k streams past, so B is read once: per k one row of B's strip and a broadcast per row of C.
+// In the last two every element of C is a plain sum over k in order. On the MLP's three thin
+// products they run 1.1-1.8x oneDNN's speed (BENCHMARKS.md, "The thin products").
 // Every function that runs AVX-512 instructions carries target("avx512f"), as in sgemm_avx512.cpp.
 
 // GCC 12's shuffle, mask and set intrinsics start from an undefined register, which

@@ -4,7 +4,7 @@
 // with k = 10, dW = G^T X with m = 10). General GEMM kernels, oneDNN's and sgemm_avx512 alike,
 // spend most of such a product packing the long operand for a tile they fill with a few columns;
 // these kernels read both operands where they lie and keep the short side in registers.
-// sgemm_thin.cpp says how and what they measured.
+// sgemm_thin.cpp says how; BENCHMARKS.md ("The thin products") what they measured.
 #include <cstdint>
 
 namespace chaingrad::kernels {
