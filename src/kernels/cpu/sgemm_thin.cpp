@@ -136,10 +136,11 @@ CG_AVX512 void thin_nt(std::int64_t m, std::int64_t n, std::int64_t k, float alp
   for (; i < m; ++i) nt_rows<1>(n, k, alpha, a + i * lda, lda, b, ldb, beta, c + i * ldc, ldc);
 }
 
-// ---- A B with k small: rows [0, R) of C by V vectors of columns ----
-template <int R, int V>
-CG_AVX512 void nn_block(std::int64_t k, float alpha, const float* a, std::int64_t lda, const float* b,
-                        std::int64_t ldb, float beta, float* c, std::int64_t ldc, std::int64_t cols) {
+// ---- A B with k small, A^T B with m small: rank-1 updates, rows [0, R) of C by V vectors of
+// columns, k streaming; element (r, p) of op(A) is a[p * lda + r] when TA (A^T), else a[r * lda + p] ----
+template <bool TA, int R, int V>
+CG_AVX512 void rank_block(std::int64_t k, float alpha, const float* a, std::int64_t lda, const float* b,
+                          std::int64_t ldb, float beta, float* c, std::int64_t ldc, std::int64_t cols) {
   __mmask16 mask[V];
   CG_UNROLL
   for (int v = 0; v < V; ++v) mask[v] = lanes(cols - 16 * v);
@@ -154,7 +155,7 @@ CG_AVX512 void nn_block(std::int64_t k, float alpha, const float* a, std::int64_
     for (int v = 0; v < V; ++v) bv[v] = _mm512_maskz_loadu_ps(mask[v], b + p * ldb + 16 * v);
     CG_UNROLL
     for (int r = 0; r < R; ++r) {
-      const __m512 av = _mm512_set1_ps(a[r * lda + p]);
+      const __m512 av = _mm512_set1_ps(TA ? a[p * lda + r] : a[r * lda + p]);
       CG_UNROLL
       for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
     }
@@ -165,59 +166,22 @@ CG_AVX512 void nn_block(std::int64_t k, float alpha, const float* a, std::int64_
     for (int v = 0; v < V; ++v) store_c(c + r * ldc + 16 * v, acc[r][v], mask[v], alpha, beta);
 }
 
-template <int R>
-CG_AVX512 void nn_rows(std::int64_t n, std::int64_t k, float alpha, const float* a, std::int64_t lda, const float* b,
-                       std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
-  constexpr int V = 4;
+// Rows [0, R) of C across all n columns.
+template <bool TA, int R>
+CG_AVX512 void rank_rows(std::int64_t n, std::int64_t k, float alpha, const float* a, std::int64_t lda,
+                         const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
+  constexpr int V = 24 / R < 4 ? 24 / R : 4;  // accumulators R x V <= 24 of the 32 registers
   std::int64_t j = 0;
-  for (; j + 16 * V <= n; j += 16 * V) nn_block<R, V>(k, alpha, a, lda, b + j, ldb, beta, c + j, ldc, 16 * V);
-  for (; j < n; j += 16) nn_block<R, 1>(k, alpha, a, lda, b + j, ldb, beta, c + j, ldc, n - j);
+  for (; j + 16 * V <= n; j += 16 * V) rank_block<TA, R, V>(k, alpha, a, lda, b + j, ldb, beta, c + j, ldc, 16 * V);
+  for (; j < n; j += 16) rank_block<TA, R, 1>(k, alpha, a, lda, b + j, ldb, beta, c + j, ldc, n - j);
 }
 
 CG_AVX512 void thin_nn(std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a, std::int64_t lda,
                        const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
   constexpr int R = 6;
   std::int64_t i = 0;
-  for (; i + R <= m; i += R) nn_rows<R>(n, k, alpha, a + i * lda, lda, b, ldb, beta, c + i * ldc, ldc);
-  for (; i < m; ++i) nn_rows<1>(n, k, alpha, a + i * lda, lda, b, ldb, beta, c + i * ldc, ldc);
-}
-
-// ---- A^T B with m small: rows [0, R) of C by V vectors of columns, k streaming ----
-template <int R, int V>
-CG_AVX512 void tn_block(std::int64_t k, float alpha, const float* a, std::int64_t lda, const float* b,
-                        std::int64_t ldb, float beta, float* c, std::int64_t ldc, std::int64_t cols) {
-  __mmask16 mask[V];
-  CG_UNROLL
-  for (int v = 0; v < V; ++v) mask[v] = lanes(cols - 16 * v);
-  __m512 acc[R][V];
-  CG_UNROLL
-  for (int r = 0; r < R; ++r)
-    CG_UNROLL
-    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
-  for (std::int64_t p = 0; p < k; ++p) {
-    __m512 bv[V];
-    CG_UNROLL
-    for (int v = 0; v < V; ++v) bv[v] = _mm512_maskz_loadu_ps(mask[v], b + p * ldb + 16 * v);
-    CG_UNROLL
-    for (int r = 0; r < R; ++r) {
-      const __m512 av = _mm512_set1_ps(a[p * lda + r]);
-      CG_UNROLL
-      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
-    }
-  }
-  CG_UNROLL
-  for (int r = 0; r < R; ++r)
-    CG_UNROLL
-    for (int v = 0; v < V; ++v) store_c(c + r * ldc + 16 * v, acc[r][v], mask[v], alpha, beta);
-}
-
-template <int R>
-CG_AVX512 void tn_rows(std::int64_t n, std::int64_t k, float alpha, const float* a, std::int64_t lda, const float* b,
-                       std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
-  constexpr int V = R <= 4 ? 4 : R <= 6 ? 3 : 2;  // accumulators R x V <= 24
-  std::int64_t j = 0;
-  for (; j + 16 * V <= n; j += 16 * V) tn_block<R, V>(k, alpha, a, lda, b + j, ldb, beta, c + j, ldc, 16 * V);
-  for (; j < n; j += 16) tn_block<R, 1>(k, alpha, a, lda, b + j, ldb, beta, c + j, ldc, n - j);
+  for (; i + R <= m; i += R) rank_rows<false, R>(n, k, alpha, a + i * lda, lda, b, ldb, beta, c + i * ldc, ldc);
+  for (; i < m; ++i) rank_rows<false, 1>(n, k, alpha, a + i * lda, lda, b, ldb, beta, c + i * ldc, ldc);
 }
 
 CG_AVX512 void thin_tn(std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a, std::int64_t lda,
@@ -231,18 +195,18 @@ CG_AVX512 void thin_tn(std::int64_t m, std::int64_t n, std::int64_t k, float alp
     const float* ai = a + i0;
     float* ci = c + i0 * ldc;
     switch (i1 - i0) {
-      case 1: tn_rows<1>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
-      case 2: tn_rows<2>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
-      case 3: tn_rows<3>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
-      case 4: tn_rows<4>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
-      case 5: tn_rows<5>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
-      case 6: tn_rows<6>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
-      case 7: tn_rows<7>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
-      case 8: tn_rows<8>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
-      case 9: tn_rows<9>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
-      case 10: tn_rows<10>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
-      case 11: tn_rows<11>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
-      default: tn_rows<12>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
+      case 1: rank_rows<true, 1>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
+      case 2: rank_rows<true, 2>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
+      case 3: rank_rows<true, 3>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
+      case 4: rank_rows<true, 4>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
+      case 5: rank_rows<true, 5>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
+      case 6: rank_rows<true, 6>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
+      case 7: rank_rows<true, 7>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
+      case 8: rank_rows<true, 8>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
+      case 9: rank_rows<true, 9>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
+      case 10: rank_rows<true, 10>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
+      case 11: rank_rows<true, 11>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
+      default: rank_rows<true, 12>(n, k, alpha, ai, lda, b, ldb, beta, ci, ldc); break;
     }
     i0 = i1;
   }
