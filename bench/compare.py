@@ -139,6 +139,36 @@ def openblas_core(env_variant):
         return f"? ({e})"
 
 
+def cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+# OpenBLAS's kernels for CPUs it does not recognize (DYNAMIC_ARCH falls back to them).
+GENERIC_OPENBLAS_CORES = {"Prescott", "Core2", "Katmai", "Coppermine", "Northwood", "Banias", "Penryn", "Dunnington"}
+
+
+def openblas_fallback_note(cores):
+    """A note when OpenBLAS runs generic kernels on a CPU with AVX2 or AVX-512: the peers' GEMMs
+    (OpenBLAS through PyTorch) are then far from their best (3-4x slower at batch 256 on one such
+    machine), and their best is what chaingrad must be compared against."""
+    flags = cpu_flags()
+    best = "SkylakeX" if "avx512f" in flags else "Haswell" if "avx2" in flags else None
+    bad = [ev for ev, core in cores.items() if core in GENERIC_OPENBLAS_CORES]
+    if not best or not bad:
+        return None
+    return (f"OpenBLAS did not recognize this CPU and runs its generic {cores[bad[0]]} kernels "
+            f"(env {', '.join(bad)}): the peers are not at their best. Export "
+            f"OPENBLAS_CORETYPE={best} (the CPU has {'AVX-512' if best == 'SkylakeX' else 'AVX2'}) "
+            f"and run again; chaingrad's float32 products do not use OpenBLAS.")
+
+
 def env_desc(env_variant):
     if env_variant == "unset":
         return "OPENBLAS_CORETYPE, OPENBLAS_L2_SIZE unset"
@@ -514,6 +544,10 @@ def main():
     if not os.access(a.chaingrad, os.X_OK):
         notes.append(f"chaingrad binary {a.chaingrad} not found/executable: chaingrad side fails")
     cores = {ev: openblas_core(ev) for ev in a.envs}
+    fallback = openblas_fallback_note(cores)
+    if fallback:
+        notes.append(fallback)
+        print(f"# warning: {fallback}", file=sys.stderr, flush=True)
 
     cg_samples = {k: [] for k in cg_keys.values()}
     peer_samples = {i: [] for i in range(len(configs))}
