@@ -22,7 +22,9 @@
 // OPENBLAS_CORETYPE says, and on this project's MLP products they run 1.2-1.6x faster than
 // OpenBLAS's (BENCHMARKS.md, "Micro-benchmarks"). chaingrad's own AVX-512 kernel
 // (sgemm_avx512.cpp) runs instead only with CHAINGRAD_SGEMM=own: use_own_sgemm says why it is not
-// the default. float64 has no oneDNN kernel and stays on OpenBLAS. Both libraries run
+// the default. Products with a side of at most 16 (a layer with a few outputs) run on chaingrad's
+// thin kernels (sgemm_thin.cpp), which read both operands in place: use_thin_sgemm.
+// float64 has no oneDNN kernel and stays on OpenBLAS. Both libraries run
 // single-threaded; the product is cut into one block per thread of chaingrad's own pool, so no
 // library pool spins against another's.
 
@@ -66,7 +68,7 @@ void serial_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t 
 
 // C = alpha op(A) op(B) + beta C, cut into row or column blocks of C, one per thread. Every block
 // is an independent product over the full k, so the result is the same for any thread count as
-// long as the library's kernel is (it is, for these two).
+// long as the block's kernel is (oneDNN's, OpenBLAS's and the thin ones are).
 template <class T>
 void split_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* a, std::int64_t lda,
                 const T* b, std::int64_t ldb, T beta, T* c, std::int64_t ldc, bool thin) {
@@ -176,7 +178,8 @@ void gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, T al
     if constexpr (std::is_same_v<T, float>) {
       if (use_own_sgemm(ta, tb, m, n, k)) return sgemm_avx512(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     }
-    split_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, std::is_same_v<T, float> && use_thin_sgemm(ta, tb, m, n, k));
+    const bool thin = std::is_same_v<T, float> && use_thin_sgemm(ta, tb, m, n, k);
+    split_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, thin);
   };
   if (!profiling.load(std::memory_order_relaxed)) [[likely]]
     return run();
