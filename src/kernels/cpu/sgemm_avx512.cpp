@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "kernels/cpu/avx512_util.hpp"
 #include "kernels/cpu/parallel.hpp"
 
 // Design (BLIS's, with the roles of rows and columns as a row-major C wants them):
@@ -42,8 +43,6 @@
 
 namespace chaingrad::kernels {
 namespace {
-
-#define CG_AVX512 __attribute__((target("avx512f")))
 
 // Block sizes for this project's machine (2 cores, 48 KiB L1d and 2 MiB L2 each), measured on
 // the MLP's products; BENCHMARKS-style figures are in the commit messages.
@@ -87,10 +86,6 @@ class Scratch {
   float* data_ = nullptr;
   std::size_t capacity_ = 0;
 };
-
-inline __mmask16 lanes(std::int64_t count) {
-  return count <= 0 ? __mmask16{0} : count >= 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << count) - 1);
-}
 
 // out[p * S + l] = src[p * lds + l] for l < L, 0 for L <= l < S; p < kb. S is a multiple of 16.
 template <int S>

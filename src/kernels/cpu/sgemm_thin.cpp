@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "kernels/cpu/avx512_util.hpp"
 #include "kernels/cpu/sgemm_avx512.hpp"
 
 // Three register-blocked loops, one per thin layout, none packing anything:
@@ -31,14 +32,9 @@
 namespace chaingrad::kernels {
 namespace {
 
-#define CG_AVX512 __attribute__((target("avx512f")))
 // Fully unrolled, so that GCC keeps the accumulator arrays in registers (left as loops, it stores
 // them to the stack on every k step).
 #define CG_UNROLL _Pragma("GCC unroll 32")
-
-inline __mmask16 lanes(std::int64_t count) {
-  return count <= 0 ? __mmask16{0} : count >= 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << count) - 1);
-}
 
 // C = alpha acc + beta C on the lanes in `mask` (beta = 0 does not read C).
 CG_AVX512 inline void store_c(float* c, __m512 acc, __mmask16 mask, float alpha, float beta) {
