@@ -3,6 +3,7 @@
 #include <sched.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
@@ -17,15 +18,41 @@
 namespace chaingrad::kernels {
 namespace {
 
-// A worker that finished a job spins this many pauses (~100-200 µs) before it sleeps on a futex:
-// the products of one training step come tens of microseconds apart, and waking a sleeping thread
-// costs about as much as a small product.
-constexpr int kSpinPauses = 4000;
+// A thread that waits on the pool (a worker between jobs, the caller for its workers) spins this
+// long before it sleeps on a futex. Waking a sleeping worker took 65-115 µs on average on this
+// project's 2-vCPU machine, and a worker that checks in late keeps the caller waiting for its
+// share. Most gaps between the jobs of a training step are under 60 µs, and hundreds per epoch
+// last 60-600 µs. A longer spin covers more of them but costs under contention: a thread that
+// spins takes CPU time from another process on its core, and the OS then wakes it later (a 1 ms
+// spin made two threads 1.3x slower beside a busy loop). BENCHMARKS.md, "The pool's spin", has
+// the figures. Time, not a count of pauses: a pause takes 10 to 140 cycles depending on the CPU.
+constexpr std::chrono::microseconds kSpinTime{250};
+// A pool with more threads than the CPUs it may run on: its spinning threads would take CPU time
+// from the ones with work.
+constexpr std::chrono::microseconds kOversubscribedSpinTime{50};
 
 inline void cpu_pause() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_ia32_pause();
 #endif
+}
+
+// Spins until done() or until `spin` has passed; returns done(). The clock is read once every 64
+// pauses, so spinning costs no system calls.
+template <class Pred>
+bool spin_until(std::chrono::microseconds spin, Pred done) {
+  const auto deadline = std::chrono::steady_clock::now() + spin;
+  for (unsigned i = 1;; ++i) {
+    if (done()) return true;
+    cpu_pause();
+    if (i % 64 == 0 && std::chrono::steady_clock::now() >= deadline) return done();
+  }
+}
+
+int available_cpus() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
 }
 
 int default_threads() {
@@ -36,9 +63,7 @@ int default_threads() {
              "CHAINGRAD_NUM_THREADS: expected a whole number of threads from 1 to 1024; got '", env, "'");
     return static_cast<int>(n);
   }
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  return available_cpus();
 }
 
 // A job is open from its publication until the caller has run out of tasks. A worker takes part
@@ -47,7 +72,7 @@ int default_threads() {
 // costs the caller nothing, where waiting for it would cost a time slice per job.
 class Pool {
  public:
-  explicit Pool(int threads) {
+  explicit Pool(int threads) : spin_(threads <= available_cpus() ? kSpinTime : kOversubscribedSpinTime) {
     workers_.reserve(static_cast<std::size_t>(threads - 1));
     for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { worker_loop(); });
   }
@@ -71,15 +96,10 @@ class Pool {
     run_tasks();
     // Close the job; from here on only the workers already checked in remain to wait for.
     const std::uint64_t before = control_.fetch_or(kClosed, std::memory_order_acq_rel);
-    if (checked_in(before) != 0) {
-      for (int spin = 0; checked_in(control_.load(std::memory_order_acquire)) != 0; ++spin) {
-        if (spin < kSpinPauses) {
-          cpu_pause();
-        } else {
-          std::unique_lock lock(sleep_mu_);
-          done_cv_.wait(lock, [&] { return checked_in(control_.load(std::memory_order_acquire)) == 0; });
-        }
-      }
+    const auto all_left = [&] { return checked_in(control_.load(std::memory_order_acquire)) == 0; };
+    if (checked_in(before) != 0 && !spin_until(spin_, all_left)) {
+      std::unique_lock lock(sleep_mu_);
+      done_cv_.wait(lock, all_left);
     }
     if (error_) std::rethrow_exception(error_);
   }
@@ -94,15 +114,12 @@ class Pool {
   void worker_loop() {
     std::uint32_t seen = 0;  // the generation at construction; a job may be published before this line runs
     for (;;) {
-      std::uint64_t c;
-      for (int spin = 0; generation(c = control_.load(std::memory_order_acquire)) == seen; ++spin) {
-        if (spin < kSpinPauses) {
-          cpu_pause();
-        } else {
-          std::unique_lock lock(sleep_mu_);
-          wake_cv_.wait(lock, [&] { return generation(control_.load(std::memory_order_acquire)) != seen; });
-        }
+      const auto published = [&] { return generation(control_.load(std::memory_order_acquire)) != seen; };
+      if (!spin_until(spin_, published)) {
+        std::unique_lock lock(sleep_mu_);
+        wake_cv_.wait(lock, published);
       }
+      const std::uint64_t c = control_.load(std::memory_order_acquire);
       seen = generation(c);
       if (stop_) return;
       if (!check_in(c, seen)) continue;  // the caller finished this job without us
@@ -146,6 +163,7 @@ class Pool {
     }
   }
 
+  const std::chrono::microseconds spin_;
   std::vector<std::thread> workers_;
   std::atomic<std::uint64_t> control_{0};
   std::atomic<int> next_{0};
