@@ -24,7 +24,7 @@ namespace {
 // share. Most gaps between the jobs of a training step are under 60 µs, and hundreds per epoch
 // last 60-600 µs. A longer spin covers more of them but costs under contention: a thread that
 // spins takes CPU time from another process on its core, and the OS then wakes it later (a 1 ms
-// spin made two threads 1.3x slower beside a busy loop). BENCHMARKS.md, "The pool's spin", has
+// spin made two threads 1.3-1.6x slower beside a busy loop). BENCHMARKS.md, "The pool's spin", has
 // the figures. Time, not a count of pauses: a pause takes 10 to 140 cycles depending on the CPU.
 constexpr std::chrono::microseconds kSpinTime{250};
 // A pool with more threads than the CPUs it may run on: its spinning threads would take CPU time
