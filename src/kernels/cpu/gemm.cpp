@@ -68,7 +68,8 @@ void serial_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t 
 
 // C = alpha op(A) op(B) + beta C, cut into row or column blocks of C, one per thread. Every block
 // is an independent product over the full k, so the result is the same for any thread count as
-// long as the block's kernel is (oneDNN's, OpenBLAS's and the thin ones are).
+// long as the block's kernel is (the thin ones and oneDNN's AVX-512 ones are; oneDNN's AVX2 ones
+// are not: gemm_same_bits_any_threads).
 template <class T>
 void split_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* a, std::int64_t lda,
                 const T* b, std::int64_t ldb, T beta, T* c, std::int64_t ldc, bool thin) {
@@ -196,6 +197,11 @@ void gemm_onednn(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t 
   if (m == 0 || n == 0) return;
   if (k == 0) return scale_only(m, n, beta, c, ldc);
   split_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, /*thin=*/false);
+}
+
+bool gemm_same_bits_any_threads() {
+  const unsigned isa = dnnl_get_effective_cpu_isa(), avx512 = dnnl_cpu_isa_avx512_core;
+  return (isa & avx512) == avx512;
 }
 
 void warm_up_gemm() {
