@@ -222,10 +222,16 @@ class AccumulateGrad final : public Node {
 NodePtr gradient_edge(const Tensor& t);
 
 // ---- grad mode ----
+namespace detail {
+// Per-thread modes, read by every op: inline, and constinit so that reading them from another
+// translation unit needs no call to a thread-local initializer.
+extern thread_local constinit bool grad_mode_enabled;
+extern thread_local constinit bool anomaly_mode_enabled;
+}  // namespace detail
 class GradMode {
  public:
-  static bool is_enabled();
-  static void set_enabled(bool on);
+  static bool is_enabled() { return detail::grad_mode_enabled; }
+  static void set_enabled(bool on) { detail::grad_mode_enabled = on; }
 };
 class NoGradGuard {
  public:
@@ -252,8 +258,8 @@ class EnableGradGuard {
 // NaN/Inf; the error names the op, its inputs' shapes and where it was created.
 class AnomalyMode {
  public:
-  static bool is_enabled();
-  static void set_enabled(bool on);
+  static bool is_enabled() { return detail::anomaly_mode_enabled; }
+  static void set_enabled(bool on) { detail::anomaly_mode_enabled = on; }
 };
 class DetectAnomalyGuard {
  public:

@@ -19,7 +19,7 @@ class Engine {
     std::vector<Tensor> results;
   };
 
-  // A ready node, with its sequence number at hand so the heap's comparisons read no node.
+  // A ready node, with its sequence number at hand so the queue's comparisons read no node.
   struct Ready {
     std::uint64_t sequence_nr;
     // The edge (or root) that owns the node: a node's backward may need a strong reference to
@@ -28,11 +28,48 @@ class Engine {
     friend bool operator<(const Ready& a, const Ready& b) { return a.sequence_nr < b.sequence_nr; }
   };
 
+  // The nodes ready to run; the most recent op (highest sequence number) runs first. Usually a
+  // handful (one along a chain, two or three where a sum meets its bias's accumulator), so it is
+  // kept sorted, where a push is a compare or two and a pop takes the back; past kSortedMax
+  // entries (a wide graph) it turns into a heap until it drains. Both give the same order.
+  class ReadyQueue {
+   public:
+    explicit ReadyQueue(std::vector<Ready>& v) : v_(v) {}
+    bool empty() const { return v_.empty(); }
+    void push(Ready r) {
+      v_.push_back(r);
+      if (heap_) {
+        std::push_heap(v_.begin(), v_.end());
+      } else if (v_.size() > kSortedMax) {
+        std::make_heap(v_.begin(), v_.end());
+        heap_ = true;
+      } else {
+        std::size_t i = v_.size() - 1;
+        for (; i > 0 && r < v_[i - 1]; --i) v_[i] = v_[i - 1];
+        v_[i] = r;
+      }
+    }
+    Ready pop() {
+      if (heap_) {
+        std::pop_heap(v_.begin(), v_.end());
+        heap_ = v_.size() > 2;  // (one entry left is sorted too)
+      }
+      const Ready r = v_.back();
+      v_.pop_back();
+      return r;
+    }
+
+   private:
+    static constexpr std::size_t kSortedMax = 16;
+    std::vector<Ready>& v_;
+    bool heap_ = false;
+  };
+
   // Work lists reused across calls so a backward allocates nothing once warm; one set per
   // nesting level, since a hook may itself call backward.
   struct Scratch {
     std::vector<Node*> nodes, seeded;
-    std::vector<Ready> heap;  // a max-heap on sequence_nr: the most recent op runs first
+    std::vector<Ready> ready;  // ReadyQueue's entries
   };
   static Scratch& acquire_scratch(int depth) {
     static thread_local std::vector<std::unique_ptr<Scratch>> pool;
@@ -40,7 +77,7 @@ class Engine {
     Scratch& s = *pool[depth];
     s.nodes.clear();
     s.seeded.clear();
-    s.heap.clear();
+    s.ready.clear();
     return s;
   }
 
@@ -88,11 +125,8 @@ class Engine {
     if (capture) mark_needed(nodes, capture->targets);
 
     // 3. Seed the roots' buffers; among nodes of equal readiness the most recent op runs first.
-    std::vector<Ready>& ready = scratch.heap;
-    auto push_ready = [&](const NodePtr& n) {
-      ready.push_back({n->sequence_nr_, &n});
-      if (ready.size() > 1) std::push_heap(ready.begin(), ready.end());  // (a chain keeps one)
-    };
+    ReadyQueue ready(scratch.ready);
+    auto push_ready = [&](const NodePtr& n) { ready.push({n->sequence_nr_, &n}); };
     for (std::size_t i = 0; i < roots.size(); ++i) accumulate(*roots[i], std::move(root_grads[i]), opt);
     std::vector<Node*>& seeded = scratch.seeded;
     for (const auto& r : roots) {
@@ -105,9 +139,7 @@ class Engine {
     EnableGradGuard grad_mode(opt.create_graph);
     const bool anomaly = AnomalyMode::is_enabled();
     while (!ready.empty()) {
-      if (ready.size() > 1) std::pop_heap(ready.begin(), ready.end());
-      const NodePtr& owner = *ready.back().owner;
-      ready.pop_back();
+      const NodePtr& owner = *ready.pop().owner;
       Node* node = owner.get();
       Tensor grad = std::move(node->input_buffer_);  // (leaves the buffer empty)
 

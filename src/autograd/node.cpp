@@ -7,8 +7,6 @@
 namespace chaingrad {
 
 namespace {
-thread_local bool grad_mode_enabled = true;
-thread_local bool anomaly_mode_enabled = false;
 std::atomic<std::uint64_t> next_sequence_nr{0};
 // While a graph is being torn down, nodes whose last owner goes away are parked here instead of
 // being destroyed recursively, so a chain of 100,000 nodes frees in a loop (pattern 4).
@@ -21,10 +19,8 @@ struct DeleteStack {
 thread_local DeleteStack delete_stack;
 }  // namespace
 
-bool GradMode::is_enabled() { return grad_mode_enabled; }
-void GradMode::set_enabled(bool on) { grad_mode_enabled = on; }
-bool AnomalyMode::is_enabled() { return anomaly_mode_enabled; }
-void AnomalyMode::set_enabled(bool on) { anomaly_mode_enabled = on; }
+thread_local constinit bool detail::grad_mode_enabled = true;
+thread_local constinit bool detail::anomaly_mode_enabled = false;
 
 namespace {
 // Sequence numbers are handed to each thread in blocks, so recording a node costs no atomic

@@ -40,14 +40,21 @@ void for_each_run(const Dims& shape, const std::array<const Dims*, N>& strides, 
   }
 }
 
-// out[i] = f(x[i]) for a contiguous `out` of x's shape.
+// out[i] = f(x[i]) for a contiguous `out` of x's shape. The one-element case is inline, so it
+// does not pay the general loop's stack frame (the scalar workload is mostly such calls).
 template <class T, class U, class F>
-void map_unary(const Tensor& x, U* out, F f) {
-  const T* px = static_cast<const T*>(x.storage()->data()) + x.offset();
-  if (x.dim() == 0) {  // 0-d: one element, no stride walk
-    out[0] = f(px[0]);
+void map_unary_strided(const Tensor& x, U* out, F f);
+template <class T, class U, class F>
+inline void map_unary(const Tensor& x, U* out, F f) {
+  if (x.dim() == 0) {
+    out[0] = f(static_cast<const T*>(x.storage()->data())[x.offset()]);
     return;
   }
+  map_unary_strided<T>(x, out, f);
+}
+template <class T, class U, class F>
+void map_unary_strided(const Tensor& x, U* out, F f) {
+  const T* px = static_cast<const T*>(x.storage()->data()) + x.offset();
   if (x.is_contiguous()) {
     parallel_range(x.numel(), [&](std::int64_t lo, std::int64_t hi) {
       for (std::int64_t i = lo; i < hi; ++i) out[i] = f(px[i]);
@@ -62,15 +69,23 @@ void map_unary(const Tensor& x, U* out, F f) {
   });
 }
 
-// out[i] = f(a[i], b[i]) where a and b are already expanded to out's shape.
+// out[i] = f(a[i], b[i]) where a and b are already expanded to out's shape (one element inline,
+// as in map_unary).
 template <class T, class U, class F>
-void map_binary(const Tensor& a, const Tensor& b, U* out, F f) {
-  const T* pa = static_cast<const T*>(a.storage()->data()) + a.offset();
-  const T* pb = static_cast<const T*>(b.storage()->data()) + b.offset();
-  if (a.dim() == 0) {  // 0-d operands (the scalar workload): one element, no stride walk
-    out[0] = f(pa[0], pb[0]);
+void map_binary_strided(const Tensor& a, const Tensor& b, U* out, F f);
+template <class T, class U, class F>
+inline void map_binary(const Tensor& a, const Tensor& b, U* out, F f) {
+  if (a.dim() == 0) {
+    out[0] = f(static_cast<const T*>(a.storage()->data())[a.offset()],
+               static_cast<const T*>(b.storage()->data())[b.offset()]);
     return;
   }
+  map_binary_strided<T>(a, b, out, f);
+}
+template <class T, class U, class F>
+void map_binary_strided(const Tensor& a, const Tensor& b, U* out, F f) {
+  const T* pa = static_cast<const T*>(a.storage()->data()) + a.offset();
+  const T* pb = static_cast<const T*>(b.storage()->data()) + b.offset();
   const std::int64_t n = a.numel();
   const bool ca = a.is_contiguous(), cb = b.is_contiguous();
   if (ca && cb) {

@@ -42,15 +42,18 @@ CG_AVX2 __m256 _ZGVdN8v_expm1f(__m256);
 }
 namespace chaingrad::kernels {
 namespace {
+// The first r of 8 lanes (0 < r < 8), for a tail that goes through the same lanes as the body:
+// masked loads read zeros into the other lanes, and masked stores leave their memory alone.
+CG_AVX2 inline __m256i tail_mask8(std::int64_t r) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(r)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
 template <__m256 (*F)(__m256)>
 CG_AVX2 void map8(const float* x, float* y, std::int64_t n) {
   std::int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, F(_mm256_loadu_ps(x + i)));
-  if (i < n) {  // the tail goes through the same lanes, padded
-    alignas(32) float pad[8] = {};
-    std::copy(x + i, x + n, pad);
-    _mm256_store_ps(pad, F(_mm256_load_ps(pad)));
-    std::copy(pad, pad + (n - i), y + i);
+  if (i < n) {
+    const __m256i mask = tail_mask8(n - i);
+    _mm256_maskstore_ps(y + i, mask, F(_mm256_maskload_ps(x + i, mask)));
   }
 }
 }  // namespace
@@ -270,15 +273,13 @@ CG_AVX2 inline __m256 gelu_backward8(__m256 g, __m256 x) {
                                    _mm256_set1_ps(kInvSqrt2Pi));
   return _mm256_mul_ps(g, _mm256_fmadd_ps(x, pdf, normal_cdf8(x)));
 }
-// Tails go through the same lanes, padded, as in map8.
+// Tails go through the same lanes, masked, as in map8.
 CG_AVX2 void gelu_lanes8(const float* x, float* y, std::int64_t n) {
   std::int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, gelu8(_mm256_loadu_ps(x + i)));
   if (i < n) {
-    alignas(32) float pad[8] = {};
-    std::copy(x + i, x + n, pad);
-    _mm256_store_ps(pad, gelu8(_mm256_load_ps(pad)));
-    std::copy(pad, pad + (n - i), y + i);
+    const __m256i mask = tail_mask8(n - i);
+    _mm256_maskstore_ps(y + i, mask, gelu8(_mm256_maskload_ps(x + i, mask)));
   }
 }
 CG_AVX2 void gelu_backward_lanes8(const float* g, const float* x, float* out, std::int64_t n) {
@@ -286,11 +287,9 @@ CG_AVX2 void gelu_backward_lanes8(const float* g, const float* x, float* out, st
   for (; i + 8 <= n; i += 8)
     _mm256_storeu_ps(out + i, gelu_backward8(_mm256_loadu_ps(g + i), _mm256_loadu_ps(x + i)));
   if (i < n) {
-    alignas(32) float pg[8] = {}, px[8] = {};
-    std::copy(g + i, g + n, pg);
-    std::copy(x + i, x + n, px);
-    _mm256_store_ps(pg, gelu_backward8(_mm256_load_ps(pg), _mm256_load_ps(px)));
-    std::copy(pg, pg + (n - i), out + i);
+    const __m256i mask = tail_mask8(n - i);
+    _mm256_maskstore_ps(out + i, mask,
+                        gelu_backward8(_mm256_maskload_ps(g + i, mask), _mm256_maskload_ps(x + i, mask)));
   }
 }
 }  // namespace
