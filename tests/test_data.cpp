@@ -458,6 +458,31 @@ TEST(Normalization, NormalizesInPlace) {
   EXPECT_NEAR(after.mean, 1.0, 1e-12);
 }
 
+// Several blocks of ordered_sum, a tail, and a mean far from zero next to a small spread (where a
+// one-pass formula would cancel), against a long double reference; the same bits on 1 and 2 threads.
+TEST(Normalization, ManyBlocksMatchReferenceOnAnyThreadCount) {
+  const std::size_t n = 3 * 65536 + 13;
+  std::vector<float> v(n);
+  for (std::size_t i = 0; i < n; ++i) v[i] = 1000.0f + 0.01f * static_cast<float>((i * 7919) % 251);
+  long double sum = 0;
+  for (float f : v) sum += f;
+  const long double mean = sum / n;
+  long double sq = 0;
+  for (float f : v) sq += (f - mean) * (f - mean);
+  const double ref_std = static_cast<double>(std::sqrt(sq / n));
+  const cg::Tensor x = cg::from_vector(std::span<const float>(v), cg::Dims{static_cast<std::int64_t>(n)});
+  const int threads = cg::get_num_threads();
+  cg::set_num_threads(1);
+  const cd::Normalization one = cd::compute_normalization(x);
+  cg::set_num_threads(2);
+  const cd::Normalization two = cd::compute_normalization(x);
+  cg::set_num_threads(threads);
+  EXPECT_NEAR(one.mean, static_cast<double>(mean), 1e-12 * 1000);
+  EXPECT_NEAR(one.std, ref_std, 1e-9 * ref_std);
+  EXPECT_EQ(one.mean, two.mean);
+  EXPECT_EQ(one.std, two.std);
+}
+
 TEST(Normalization, ConstantInputGetsUnitStd) {
   const cg::Tensor x = cg::full({5}, 3.0);
   const cd::Normalization n = cd::compute_normalization(x);

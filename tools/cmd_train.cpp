@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <future>
 #include <map>
 #include <set>
 #include <sstream>
@@ -162,14 +163,16 @@ class Progress {
 };
 
 void load_data(const TrainOptions& o, cg::data::Dataset& train, cg::data::Dataset& test) {
-  if (!o.csv.empty()) {
-    train = cg::data::load_csv(o.csv, o.label);
-    CG_CHECK(!o.test_csv.empty(), ValueError, "train: --csv needs --test-csv FILE for evaluation");
-    test = cg::data::load_csv(o.test_csv, o.label);
-  } else {
-    train = cg::data::load_idx(o.data_dir, true);
-    test = cg::data::load_idx(o.data_dir, false);
-  }
+  const bool csv = !o.csv.empty();
+  CG_CHECK(!csv || !o.test_csv.empty(), ValueError, "train: --csv needs --test-csv FILE for evaluation");
+  // The test set loads on another thread while this one loads the training set: each file is
+  // decompressed or parsed on one thread (about 60 ms for Fashion-MNIST's test set, saved here).
+  // A failure of the training set's load is reported first, as when they loaded one after the other.
+  auto test_set = std::async(std::launch::async, [&o, csv] {
+    return csv ? cg::data::load_csv(o.test_csv, o.label) : cg::data::load_idx(o.data_dir, false);
+  });
+  train = csv ? cg::data::load_csv(o.csv, o.label) : cg::data::load_idx(o.data_dir, true);
+  test = test_set.get();
   CG_CHECK(train.inputs.shape().size() == test.inputs.shape().size(), ShapeError,
            "train: training and test samples differ in shape: ", train.inputs.shape(), " vs ", test.inputs.shape());
 }
@@ -214,7 +217,7 @@ void run_train(const TrainOptions& o_in) {
   cg::data::Dataset train, test;
   {
     // The kernels' code generation (about 30 ms, cg::warm_up) happens on another thread while the
-    // data set loads (zlib, one thread), not inside the first training step.
+    // data sets load, not inside the first training step.
     std::jthread warm_up([] { cg::warm_up(); });
     load_data(o, train, test);
   }
