@@ -14,17 +14,6 @@ namespace chaingrad {
 // ---------------------------------------------------------------- metadata
 std::int64_t Tensor::size(std::int64_t d) const { return shape()[wrap_dim(d, dim(), "size")]; }
 
-bool Tensor::is_contiguous() const {
-  std::int64_t expected = 1;
-  for (int i = dim() - 1; i >= 0; --i) {
-    const std::int64_t n = impl_->shape[i];
-    if (n == 1) continue;
-    if (impl_->strides[i] != expected) return false;
-    expected *= n;
-  }
-  return true;
-}
-
 double Tensor::item() const {
   CG_CHECK(defined(), ValueError, "item: tensor is undefined");
   CG_CHECK(numel() == 1, ValueError, "item: only one-element tensors can be converted to a number; got shape ",

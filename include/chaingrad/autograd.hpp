@@ -64,7 +64,7 @@ class SavedTensor {
 
 struct InputMeta {
   Dims shape;
-  DType dtype;
+  DType dtype = DType::Float32;
 };
 
 class Node;
@@ -147,7 +147,7 @@ class Node {
   bool visited_ = false;
   bool released_ = false;
   InputMetas input_meta_;
-  InputMeta output_meta_{};
+  InputMeta output_meta_;  // (not `{}`: that would zero all of its Dims' slots first)
   struct Extras {
     std::vector<GradHook> pre_hooks;
     std::string label;
@@ -217,9 +217,17 @@ class AccumulateGrad final : public Node {
   TensorImpl* leaf_;
 };
 
+namespace detail {
+// gradient_edge for a leaf that requires grad: its accumulator, made on first use.
+NodePtr accumulator_edge(const Tensor& t);
+}  // namespace detail
 // The edge through which a gradient reaches `t`: its grad_fn, its accumulator if it is a leaf
-// requiring grad, or null.
-NodePtr gradient_edge(const Tensor& t);
+// requiring grad, or null. (Inline: recording an op asks once per input.)
+inline NodePtr gradient_edge(const Tensor& t) {
+  if (!t.defined() || !t.requires_grad()) return nullptr;
+  if (t.grad_fn()) return t.grad_fn();
+  return detail::accumulator_edge(t);
+}
 
 // ---- grad mode ----
 namespace detail {

@@ -104,7 +104,17 @@ class Tensor {
   std::int64_t size(std::int64_t d) const;
   std::int64_t numel() const { return impl_->shape.numel(); }
   DType dtype() const { return impl_->dtype; }
-  bool is_contiguous() const;
+  // Inline: every op asks, most often of a 0-d tensor, where the loop does not run.
+  bool is_contiguous() const {
+    std::int64_t expected = 1;
+    for (int i = dim() - 1; i >= 0; --i) {
+      const std::int64_t n = impl_->shape[i];
+      if (n == 1) continue;
+      if (impl_->strides[i] != expected) return false;
+      expected *= n;
+    }
+    return true;
+  }
   const StoragePtr& storage() const { return impl_->storage; }
   std::uint32_t version() const { return impl_->storage->version(); }
   TensorImpl* impl() const { return impl_.get(); }

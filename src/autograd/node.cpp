@@ -178,9 +178,7 @@ GradList AccumulateGrad::apply(Tensor&& grad_output) {
   return {};
 }
 
-NodePtr gradient_edge(const Tensor& t) {
-  if (!t.defined() || !t.requires_grad()) return nullptr;
-  if (t.grad_fn()) return t.grad_fn();
+NodePtr detail::accumulator_edge(const Tensor& t) {
   TensorImpl* impl = t.impl();
   const NodePtr& cached = impl->grad_accumulator;
   if (cached && cached->output_meta().shape == impl->shape && cached->output_meta().dtype == impl->dtype)
