@@ -2,7 +2,7 @@
 # Installs the Debian packages chaingrad needs, only those missing. `deps.sh test` adds what the
 # test suite needs (PyTorch for the interop tests, clang for the fuzzers, Chromium for the report).
 set -euo pipefail
-pkgs=(build-essential cmake libopenblas-dev libdnnl-dev zlib1g-dev libcli11-dev nlohmann-json3-dev libgtest-dev
+pkgs=(build-essential cmake libopenblas-dev libdnnl-dev zlib1g-dev libdeflate-dev libcli11-dev nlohmann-json3-dev libgtest-dev
       libbenchmark-dev dataset-fashion-mnist graphviz libstb-dev openmpi-bin libopenmpi-dev)
 if [[ "${1:-}" == "test" ]]; then
   pkgs+=(python3-torch python3-numpy chromium clang libclang-rt-14-dev)

@@ -129,6 +129,34 @@ TEST(Idx, ReadsGzipImagesIdentically) {
   for (std::size_t i = 0; i < kPixels.size(); ++i) EXPECT_EQ(p[i], scaled(kPixels[i])) << i;
 }
 
+// One gzip member is inflated whole (libdeflate); anything else goes through zlib. Both must give
+// the same tensor: two members, and one member behind a second file of the same bytes.
+TEST(Idx, GzipOfTwoMembersReadsLikeOne) {
+  TempDir dir;
+  const std::string plain = idx_bytes({2, 2, 3}, kPixels);
+  write_bytes(dir.file("one.gz"), gzip_stored(plain));
+  write_bytes(dir.file("two.gz"), gzip_stored(plain.substr(0, 7)) + gzip_stored(plain.substr(7)));
+  const cg::Tensor one = cd::read_idx_images(dir.file("one.gz"));
+  const cg::Tensor two = cd::read_idx_images(dir.file("two.gz"));
+  ASSERT_EQ(two.shape(), (cg::Dims{2, 1, 2, 3}));
+  EXPECT_EQ(one.to_vector<float>(), two.to_vector<float>());
+  for (std::size_t i = 0; i < kPixels.size(); ++i) EXPECT_EQ(two.data<float>()[i], scaled(kPixels[i])) << i;
+}
+
+// A trailer whose size or checksum is wrong fails the whole-file inflate; zlib then reads the file
+// and names the fault.
+TEST(Idx, GzipWithWrongTrailerIsAClearError) {
+  TempDir dir;
+  std::string gz = gzip_stored(idx_bytes({2, 2, 3}, kPixels));
+  std::string bad_size = gz, bad_crc = gz;
+  bad_size[bad_size.size() - 4] ^= 1;
+  bad_crc[bad_crc.size() - 8] ^= 1;
+  write_bytes(dir.file("size.gz"), bad_size);
+  write_bytes(dir.file("crc.gz"), bad_crc);
+  expect_error([&] { cd::read_idx_images(dir.file("size.gz")); }, {"corrupt or truncated", dir.file("size.gz")});
+  expect_error([&] { cd::read_idx_images(dir.file("crc.gz")); }, {"corrupt or truncated", dir.file("crc.gz")});
+}
+
 TEST(Idx, GzipSpanningManyDeflateBlocks) {
   TempDir dir;
   std::vector<std::uint8_t> data(3 * 300 * 301);

