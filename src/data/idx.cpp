@@ -93,11 +93,15 @@ bool inflate_whole(const std::string& path, std::uint64_t file_size, ByteBuffer&
   // (Read, not mapped: a file truncated while mapped would kill the process with SIGBUS.)
   std::unique_ptr<std::FILE, decltype(&std::fclose)> file(std::fopen(path.c_str(), "rb"), &std::fclose);
   if (!file) return false;
+  unsigned char magic[2] = {};
+  if (std::fread(magic, 1, 2, file.get()) != 2 || magic[0] != 0x1f || magic[1] != 0x8b) return false;
   const auto n = static_cast<std::size_t>(file_size);
   const std::unique_ptr<unsigned char[]> buffer(new (std::nothrow) unsigned char[n]);
-  if (!buffer || std::fread(buffer.get(), 1, n, file.get()) != n) return false;
+  if (!buffer) return false;
+  buffer[0] = magic[0];
+  buffer[1] = magic[1];
+  if (std::fread(buffer.get() + 2, 1, n - 2, file.get()) != n - 2) return false;
   const unsigned char* packed = buffer.get();
-  if (packed[0] != 0x1f || packed[1] != 0x8b) return false;
   const unsigned char* t = packed + file_size - 4;
   const std::uint64_t size = std::uint64_t{t[0]} | (std::uint64_t{t[1]} << 8) | (std::uint64_t{t[2]} << 16) |
                              (std::uint64_t{t[3]} << 24);
