@@ -34,20 +34,26 @@ namespace fs = std::filesystem;
 constexpr std::size_t kChunk = std::size_t{64} << 20;         // bytes read per gzread call
 constexpr std::uint64_t kMaxElements = std::uint64_t{1} << 40;  // far beyond any real IDX file
 
-// Bytes that need not be zeroed first: a size read from a file's trailer is only a claim, and
-// memory that is never written is never touched.
-struct ByteBuffer {
-  std::unique_ptr<std::uint8_t[]> data;
-  std::size_t size = 0;
+// Note [in-place widening]: an inflated file of S bytes (header and elements) goes into the last
+// S bytes of a tensor of S elements of w bytes each (float32 for images, int64 for labels), and
+// each element is widened in place, front to back: element i's bytes of width w go to w (H + i),
+// where H is the header's length, and its source byte lies at (w - 1) S + H + i. A write never
+// reaches a source byte not yet read (w (H + i + 1) <= (w - 1) S + H + i + 1 as long as i < S - H),
+// so the result needs no buffer besides the tensor: the training images peak at 188 MB, not at
+// 188 + 47. The tensor is a view from element H on.
+struct Inflated {
+  Tensor storage;                // S elements
+  std::uint8_t* bytes = nullptr; // the file's S bytes, in the storage's last S bytes
+  std::size_t size = 0;          // S
 };
 
 struct IdxArray {
   std::vector<std::int64_t> dims;
   std::vector<std::uint8_t> streamed;  // the elements, read through zlib
-  ByteBuffer whole;                    // or the whole inflated file, the elements from `offset` on
+  Inflated whole;                      // or the whole inflated file, the elements from `offset` on
   std::size_t offset = 0;
-  const std::uint8_t* data() const { return whole.data ? whole.data.get() + offset : streamed.data(); }
-  std::size_t size() const { return whole.data ? whole.size - offset : streamed.size(); }
+  const std::uint8_t* data() const { return whole.bytes ? whole.bytes + offset : streamed.data(); }
+  std::size_t size() const { return whole.bytes ? whole.size - offset : streamed.size(); }
 };
 
 std::string hex_bytes(const unsigned char* b, std::size_t n) {
@@ -86,7 +92,7 @@ struct DecompressorFree {
 // declares; otherwise it returns false and the caller reads the file through zlib, which handles
 // every other case (plain files, several members, more than 4 GiB) and words every error. The
 // trailer's size is trusted only up to deflate's largest expansion of the file's own size.
-bool inflate_whole(const std::string& path, std::uint64_t file_size, ByteBuffer& out) {
+bool inflate_whole(const std::string& path, std::uint64_t file_size, DType widen_to, Inflated& out) {
   constexpr std::uint64_t kGzipFraming = 18;  // the smallest header plus the trailer
   constexpr std::uint64_t kMaxExpansion = 1032;
   if (file_size <= kGzipFraming) return false;
@@ -108,11 +114,17 @@ bool inflate_whole(const std::string& path, std::uint64_t file_size, ByteBuffer&
   if (size == 0 || size > kMaxExpansion * file_size) return false;
   const std::unique_ptr<libdeflate_decompressor, DecompressorFree> d(libdeflate_alloc_decompressor());
   if (!d) return false;
-  ByteBuffer whole{std::unique_ptr<std::uint8_t[]>(new (std::nothrow) std::uint8_t[size]), static_cast<std::size_t>(size)};
-  if (!whole.data) return false;
+  Inflated whole;
+  whole.size = static_cast<std::size_t>(size);
+  try {  // (uninitialized: a claimed size that is never filled is never touched)
+    whole.storage = empty({static_cast<std::int64_t>(size)}, widen_to);
+  } catch (const std::exception&) {
+    return false;  // too large to hold at once: zlib streams it
+  }
+  whole.bytes = static_cast<std::uint8_t*>(whole.storage.raw_data()) + (element_size(widen_to) - 1) * whole.size;
   std::size_t used = 0, made = 0;
   const libdeflate_result r =
-      libdeflate_gzip_decompress_ex(d.get(), packed, n, whole.data.get(), whole.size, &used, &made);
+      libdeflate_gzip_decompress_ex(d.get(), packed, n, whole.bytes, whole.size, &used, &made);
   if (r != LIBDEFLATE_SUCCESS || used != n || made != whole.size) return false;
   out = std::move(whole);
   return true;
@@ -120,13 +132,14 @@ bool inflate_whole(const std::string& path, std::uint64_t file_size, ByteBuffer&
 
 class IdxFile {
  public:
-  IdxFile(const std::string& path, const char* op) : path_(path), op_(op) {
+  // `widen_to`: the dtype the elements become (Note [in-place widening]).
+  IdxFile(const std::string& path, const char* op, DType widen_to) : path_(path), op_(op) {
     std::error_code ec;
     CG_CHECK(fs::exists(path, ec), IoError, op, ": cannot open '", path, "': no such file");
     CG_CHECK(!fs::is_directory(path, ec), IoError, op, ": '", path, "' is a directory; expected an IDX file");
     file_size_ = fs::file_size(path, ec);
     CG_CHECK(!ec, IoError, op, ": cannot read the size of '", path, "': ", ec.message());
-    if (inflate_whole(path, file_size_, whole_)) return;
+    if (inflate_whole(path, file_size_, widen_to, whole_)) return;
     errno = 0;
     f_.reset(gzopen(path.c_str(), "rb"));
     CG_CHECK(f_ != nullptr, IoError, op, ": cannot open '", path, "': ", std::strerror(errno ? errno : ENOMEM));
@@ -137,7 +150,7 @@ class IdxFile {
   std::size_t read(void* dst, std::size_t n) {
     if (!f_) {  // inflated whole
       const std::size_t got = std::min(n, remaining());
-      std::memcpy(dst, whole_.data.get() + consumed_, got);
+      std::memcpy(dst, whole_.bytes + consumed_, got);
       consumed_ += got;
       return got;
     }
@@ -164,7 +177,7 @@ class IdxFile {
   // over without a copy (the unread part starts at consumed()).
   bool in_memory() const { return !f_; }
   std::size_t remaining() const { return whole_.size - static_cast<std::size_t>(consumed_); }
-  ByteBuffer take_whole() { return std::move(whole_); }
+  Inflated take_whole() { return std::move(whole_); }
   std::uint64_t file_size() const { return file_size_; }
   std::uint64_t consumed() const { return consumed_; }
   const std::string& path() const { return path_; }
@@ -174,15 +187,15 @@ class IdxFile {
   std::string path_;
   const char* op_;
   std::unique_ptr<gzFile_s, GzCloser> f_;  // null when inflated whole
-  ByteBuffer whole_;
+  Inflated whole_;
   std::uint64_t file_size_ = 0;
   std::uint64_t consumed_ = 0;
 };
 
 std::string where(const IdxFile& f) { return f.compressed() ? " (after decompression)" : ""; }
 
-IdxArray read_idx(const std::string& path, const char* op) {
-  IdxFile f(path, op);
+IdxArray read_idx(const std::string& path, const char* op, DType widen_to) {
+  IdxFile f(path, op, widen_to);
   unsigned char magic[4];
   const std::size_t got_magic = f.read(magic, 4);
   CG_CHECK(got_magic == 4, IoError, op, ": '", path, "' is truncated: an IDX header needs at least 4 bytes; found ",
@@ -280,28 +293,36 @@ bool is_default_dir(const std::string& dir) {
   return p == fs::path(kFashionMnistDir);
 }
 
+// The tensor the elements widen into: in place over the inflated file (Note [in-place widening]),
+// else a fresh one.
+Tensor widened(IdxArray& a, const Dims& shape, DType dtype) {
+  if (!a.whole.bytes) return empty(shape, dtype);
+  const auto h = static_cast<std::int64_t>(a.offset);
+  return a.whole.storage.slice(0, h, h + static_cast<std::int64_t>(a.size())).view(shape);
+}
+
 }  // namespace
 
 Tensor read_idx_images(const std::string& path) {
-  IdxArray a = read_idx(path, "read_idx_images");
+  IdxArray a = read_idx(path, "read_idx_images", DType::Float32);
   Dims shape(a.dims);
   if (shape.size() == 3) shape.insert(1, 1);  // [N, H, W] -> [N, 1, H, W]
-  Tensor out = empty(shape, DType::Float32);
+  Tensor out = widened(a, shape, DType::Float32);
   // A table of correctly rounded b/255 gives the same floats as numpy's (x / 255).astype(f32).
   std::array<float, 256> scale{};
   for (int b = 0; b < 256; ++b) scale[b] = static_cast<float>(b / 255.0);
   float* dst = out.data<float>();
-  const std::uint8_t* src = a.data();
+  const std::uint8_t* src = a.data();  // (may lie in dst's storage, ahead of it: front to back is safe)
   const std::size_t n = a.size();
   for (std::size_t i = 0; i < n; ++i) dst[i] = scale[src[i]];
   return out;
 }
 
 Tensor read_idx_labels(const std::string& path) {
-  IdxArray a = read_idx(path, "read_idx_labels");
+  IdxArray a = read_idx(path, "read_idx_labels", DType::Int64);
   CG_CHECK(a.dims.size() == 1, IoError, "read_idx_labels: '", path, "' must hold a 1-D label array; got dims ",
            Dims(a.dims));
-  Tensor out = empty(Dims(a.dims), DType::Int64);
+  Tensor out = widened(a, Dims(a.dims), DType::Int64);
   std::int64_t* dst = out.data<std::int64_t>();
   const std::uint8_t* src = a.data();
   for (std::size_t i = 0; i < a.size(); ++i) dst[i] = src[i];
