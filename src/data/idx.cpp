@@ -4,9 +4,10 @@
 // libdeflate, which inflates it 2.7 times as fast (see inflate_whole).
 //
 // Note [untrusted IDX header]: the dims come from the file, so their product may be absurd.
-// For a plain file we compare it with the file size before allocating anything; for a gzip
-// stream the size is unknowable up front, so the buffer grows chunk by chunk as data actually
-// arrives and a short stream fails before a huge allocation happens.
+// For a plain file we compare it with the file size before allocating anything; a gzip file
+// inflated whole has its true size known before its elements are read; for a gzip stream read
+// through zlib the size is unknowable up front, so the buffer grows chunk by chunk as data
+// actually arrives and a short stream fails before a huge allocation happens.
 #include <libdeflate.h>
 #include <zlib.h>
 
