@@ -23,13 +23,17 @@ inline float row_max(const float* p, std::int64_t n) {
   for (; i < n; ++i) m[0] = std::max(m[0], p[i]);
   return *std::max_element(m, m + 8);
 }
-template <class T>
-double row_sum(const T* p, std::int64_t n) {
+// The sum of f(p[i]) (of p[i] by default), each term taken to double first.
+struct AsIs {
+  double operator()(double v) const { return v; }
+};
+template <class T, class F = AsIs>
+double row_sum(const T* p, std::int64_t n, F f = {}) {
   double s[8] = {};
   std::int64_t i = 0;
   for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; ++k) s[k] += p[i + k];
-  for (; i < n; ++i) s[0] += p[i];
+    for (int k = 0; k < 8; ++k) s[k] += f(static_cast<double>(p[i + k]));
+  for (; i < n; ++i) s[0] += f(static_cast<double>(p[i]));
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
