@@ -296,7 +296,7 @@ bool is_default_dir(const std::string& dir) {
 
 // The tensor the elements widen into: in place over the inflated file (Note [in-place widening]),
 // else a fresh one.
-Tensor widened(IdxArray& a, const Dims& shape, DType dtype) {
+Tensor widened(const IdxArray& a, const Dims& shape, DType dtype) {
   if (!a.whole.bytes) return empty(shape, dtype);
   const auto h = static_cast<std::int64_t>(a.offset);
   return a.whole.storage.slice(0, h, h + static_cast<std::int64_t>(a.size())).view(shape);

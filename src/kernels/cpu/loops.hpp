@@ -40,18 +40,7 @@ void for_each_run(const Dims& shape, const std::array<const Dims*, N>& strides, 
   }
 }
 
-// out[i] = f(x[i]) for a contiguous `out` of x's shape. The one-element case is inline, so it
-// does not pay the general loop's stack frame (the scalar workload is mostly such calls).
-template <class T, class U, class F>
-void map_unary_strided(const Tensor& x, U* out, F f);
-template <class T, class U, class F>
-inline void map_unary(const Tensor& x, U* out, F f) {
-  if (x.dim() == 0) {
-    out[0] = f(static_cast<const T*>(x.storage()->data())[x.offset()]);
-    return;
-  }
-  map_unary_strided<T>(x, out, f);
-}
+// map_unary for a tensor of one or more dimensions, contiguous or strided.
 template <class T, class U, class F>
 void map_unary_strided(const Tensor& x, U* out, F f) {
   const T* px = static_cast<const T*>(x.storage()->data()) + x.offset();
@@ -69,19 +58,18 @@ void map_unary_strided(const Tensor& x, U* out, F f) {
   });
 }
 
-// out[i] = f(a[i], b[i]) where a and b are already expanded to out's shape (one element inline,
-// as in map_unary).
+// out[i] = f(x[i]) for a contiguous `out` of x's shape. The one-element case is inline, so it
+// does not pay the general loop's stack frame (the scalar workload is mostly such calls).
 template <class T, class U, class F>
-void map_binary_strided(const Tensor& a, const Tensor& b, U* out, F f);
-template <class T, class U, class F>
-inline void map_binary(const Tensor& a, const Tensor& b, U* out, F f) {
-  if (a.dim() == 0) {
-    out[0] = f(static_cast<const T*>(a.storage()->data())[a.offset()],
-               static_cast<const T*>(b.storage()->data())[b.offset()]);
+inline void map_unary(const Tensor& x, U* out, F f) {
+  if (x.dim() == 0) {
+    out[0] = f(static_cast<const T*>(x.storage()->data())[x.offset()]);
     return;
   }
-  map_binary_strided<T>(a, b, out, f);
+  map_unary_strided<T>(x, out, f);
 }
+
+// map_binary for operands of one or more dimensions.
 template <class T, class U, class F>
 void map_binary_strided(const Tensor& a, const Tensor& b, U* out, F f) {
   const T* pa = static_cast<const T*>(a.storage()->data()) + a.offset();
@@ -111,6 +99,18 @@ void map_binary_strided(const Tensor& a, const Tensor& b, U* out, F f) {
       for (std::int64_t i = 0; i < m; ++i) o[i] = f(x[i * st[0]], y[i * st[1]]);
     }
   });
+}
+
+// out[i] = f(a[i], b[i]) where a and b are already expanded to out's shape (one element inline,
+// as in map_unary).
+template <class T, class U, class F>
+inline void map_binary(const Tensor& a, const Tensor& b, U* out, F f) {
+  if (a.dim() == 0) {
+    out[0] = f(static_cast<const T*>(a.storage()->data())[a.offset()],
+               static_cast<const T*>(b.storage()->data())[b.offset()]);
+    return;
+  }
+  map_binary_strided<T>(a, b, out, f);
 }
 
 // out[i] = f(a[i], b[i], c[i]), all expanded to out's shape.

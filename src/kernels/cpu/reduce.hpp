@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -24,10 +25,7 @@ inline float row_max(const float* p, std::int64_t n) {
   return *std::max_element(m, m + 8);
 }
 // The sum of f(p[i]) (of p[i] by default), each term taken to double first.
-struct AsIs {
-  double operator()(double v) const { return v; }
-};
-template <class T, class F = AsIs>
+template <class T, class F = std::identity>
 double row_sum(const T* p, std::int64_t n, F f = {}) {
   double s[8] = {};
   std::int64_t i = 0;
