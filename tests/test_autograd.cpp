@@ -563,3 +563,119 @@ TEST(ScalarFastPath, GraphOutlivesItsTensors) {
   L.backward();
   EXPECT_DOUBLE_EQ(kept.grad().item(), 6.0);
 }
+
+// Note [one-element graphs]: a graph of one-element values backpropagates numbers. These check
+// that path against hand-derived products and against grad() (which always moves tensors), and
+// that whatever it cannot serve goes down the tensor path.
+namespace {
+Tensor f32(double v, bool rg = false) {
+  return cg::scalar(v, {.dtype = cg::DType::Float32, .requires_grad = rg});
+}
+}  // namespace
+
+TEST(OneElementGraph, SeedNetworkInBothDtypesMatchesHandDerivedProducts) {
+  for (const cg::DType dt : {cg::DType::Float32, cg::DType::Float64}) {
+    auto mk = [&](double v, bool rg) { return cg::scalar(v, {.dtype = dt, .requires_grad = rg}); };
+    const double xv = 1.5, w1v = 0.5, b1v = 0.1, w2v = -0.3, b2v = 0.2, tv = 0.8;
+    Tensor w1 = mk(w1v, true), b1 = mk(b1v, true), w2 = mk(w2v, true), b2 = mk(b2v, true);
+    const Tensor x = mk(xv, false), t = mk(tv, false);
+    const std::uint64_t runs = cg::autograd::value_backward_runs();
+    cg::pow(cg::sigmoid(w2 * cg::sigmoid(w1 * x + b1) + b2) - t, 2.0).backward();
+    EXPECT_EQ(cg::autograd::value_backward_runs(), runs + 1) << "the seed network should run by value";
+    const double H = sig(w1v * xv + b1v), Z2 = w2v * H + b2v, Y = sig(Z2);
+    const double d_z2 = 2 * (Y - tv) * dsig(Z2), d_z1 = d_z2 * w2v * dsig(w1v * xv + b1v);
+    const double tol = dt == cg::DType::Float32 ? 1e-6 : 1e-14;
+    EXPECT_NEAR(w2.grad().item(), d_z2 * H, tol);
+    EXPECT_NEAR(b2.grad().item(), d_z2, tol);
+    EXPECT_NEAR(w1.grad().item(), d_z1 * xv, tol);
+    EXPECT_NEAR(b1.grad().item(), d_z1, tol);
+    EXPECT_EQ(w1.grad().dtype(), dt);
+    EXPECT_TRUE(w1.grad().shape().empty());
+    EXPECT_FALSE(w1.grad().requires_grad());
+  }
+}
+
+// Every op that records partials, in one formula with fan-out: the same gradients as grad().
+TEST(OneElementGraph, EveryPartialsOpAgreesWithTheTensorPath) {
+  for (const cg::DType dt : {cg::DType::Float32, cg::DType::Float64}) {
+    Tensor a = cg::scalar(0.7, {.dtype = dt, .requires_grad = true});
+    Tensor b = cg::scalar(1.3, {.dtype = dt, .requires_grad = true});
+    auto f = [&] {
+      const Tensor u = cg::tanh(cg::sin(a) / b) - cg::cos(cg::log(a)) * cg::exp(-b);
+      return cg::relu(u + cg::sqrt(a)) + cg::pow(a - b, 3.0) + cg::sigmoid(a * b);
+    };
+    const std::vector<Tensor> expected = cg::autograd::grad({f()}, {a, b});
+    const std::uint64_t runs = cg::autograd::value_backward_runs();
+    f().backward();
+    EXPECT_EQ(cg::autograd::value_backward_runs(), runs + 1);
+    const double tol = dt == cg::DType::Float32 ? 1e-5 : 1e-13;
+    EXPECT_NEAR(a.grad().item(), expected[0].item(), tol);
+    EXPECT_NEAR(b.grad().item(), expected[1].item(), tol);
+  }
+}
+
+TEST(OneElementGraph, GradientsAddIntoAnExistingGradInPlace) {
+  Tensor w = s(2.0, true);
+  (w * w).backward();
+  const Tensor g = w.grad();  // a user's handle on .grad sees later sums, as on the tensor path
+  (w * s(3.0)).backward();
+  EXPECT_DOUBLE_EQ(g.item(), 7.0);
+  EXPECT_DOUBLE_EQ(w.grad().item(), 7.0);
+}
+
+TEST(OneElementGraph, RetainGraphAndSecondBackward) {
+  Tensor w = s(0.5, true);
+  Tensor L = cg::sigmoid(w) * w;
+  L.backward({}, /*retain_graph=*/true);
+  L.backward();
+  const double d = sig(0.5) + 0.5 * dsig(0.5);
+  EXPECT_NEAR(w.grad().item(), 2 * d, 1e-14);
+  EXPECT_THROW(L.backward(), cg::AutogradError);  // its saved values were freed
+}
+
+TEST(OneElementGraph, HooksObserversAndCreateGraphTakeTheTensorPath) {
+  Tensor w = s(3.0, true);
+  double seen = 0;
+  w.register_hook([&](const Tensor& g) {
+    seen = g.item();
+    return Tensor();
+  });
+  const std::uint64_t runs = cg::autograd::value_backward_runs();
+  (w * w).backward();
+  EXPECT_DOUBLE_EQ(seen, 6.0);
+  Tensor v = s(3.0, true);
+  Tensor dv = cg::autograd::grad({v * v * v}, {v}, {}, /*retain_graph=*/true, /*create_graph=*/true)[0];
+  EXPECT_DOUBLE_EQ(dv.item(), 27.0);
+  dv.backward();  // d/dv 3v^2 = 6v: dv's graph is the tensor rules' own
+  EXPECT_DOUBLE_EQ(v.grad().item(), 18.0);
+  EXPECT_EQ(cg::autograd::value_backward_runs(), runs + 1);  // only dv.backward() ran by value
+}
+
+// A node without partials (a reduction) anywhere sends the whole graph down the tensor path.
+TEST(OneElementGraph, MixedGraphTakesTheTensorPath) {
+  Tensor w = s(2.0, true);
+  Tensor v = cg::tensor({1.0, 2.0}, true);
+  const std::uint64_t runs = cg::autograd::value_backward_runs();
+  (cg::sum(v * v) * w).backward();
+  EXPECT_EQ(cg::autograd::value_backward_runs(), runs);
+  EXPECT_DOUBLE_EQ(w.grad().item(), 5.0);
+  EXPECT_EQ(v.grad().to_vector<double>(), (std::vector<double>{4.0, 8.0}));
+}
+
+// The one-element path reads no saved tensor, so a change made after the forward does not touch
+// the gradient: it is the derivative at the values the forward saw (the tensor path refuses).
+TEST(OneElementGraph, InPlaceChangeAfterForwardKeepsTheForwardsDerivative) {
+  Tensor w = s(2.0, true), x = s(3.0);
+  Tensor y = w * x;
+  x.add_(s(1.0));
+  y.backward();
+  EXPECT_DOUBLE_EQ(w.grad().item(), 3.0);
+}
+
+TEST(OneElementGraph, FloatGradientIsRoundedLikeTheTensorPath) {
+  Tensor w = f32(0.1, true);
+  Tensor L = w * f32(0.3) + w * f32(0.7);
+  const Tensor expected = cg::autograd::grad({L}, {w})[0];
+  (w * f32(0.3) + w * f32(0.7)).backward();
+  EXPECT_EQ(w.grad().item(), expected.item());  // same float32 products and sum, bit for bit
+}

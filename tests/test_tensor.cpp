@@ -104,6 +104,7 @@ TEST(Views, CatStackSplit) {
   EXPECT_EQ(parts[2].numel(), 1);
   EXPECT_DOUBLE_EQ(parts[2].item(), 4.0);
   EXPECT_THROW(cg::cat({a, cg::zeros({2, 3})}, 0), cg::ShapeError);
+  EXPECT_THROW(cg::split(cg::scalar(1.0), 2), cg::ShapeError);  // (not an empty list: 0-d has no dim 0)
 }
 
 TEST(Tensor, PrintsLikeNumpy) {

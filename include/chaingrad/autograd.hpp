@@ -18,6 +18,7 @@
 //
 // Note [version counter]: SavedTensor remembers the storage version at save time; unpacking a
 // tensor that was modified in place since then is an error that names the op.
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -78,6 +79,7 @@ struct TensorRef {
   const Tensor* tensor;
 };
 void record_node(NodePtr node, std::span<const TensorRef> inputs, Tensor& output);
+void set_partials(Node& node, std::span<const double> partials);
 
 // The engine marks the node whose backward is running, as the reference that owns it, so that a
 // saved output can be re-attached to its own node under create_graph, and the outputs re-attached
@@ -136,6 +138,7 @@ class Node {
   friend void detail::record_node(NodePtr, std::span<const detail::TensorRef>, Tensor&);
   template <class T, class... Args>
   friend NodePtr detail::make_node(Args&&... args);
+  friend void detail::set_partials(Node& node, std::span<const double> partials);
   // What the engine touches on every node comes first, in the node's first cache lines; the
   // input metadata (80 bytes an input) comes after, and the rarely set hooks and label out of line.
   Edges next_edges_;
@@ -146,6 +149,12 @@ class Node {
   bool needed_ = false;
   bool visited_ = false;
   bool released_ = false;
+  // Note [one-element graphs] (engine.cpp): how this node runs when the whole graph is one-element
+  // values, and the engine's summed gradient for it then (in the output's dtype, held as a double).
+  enum class ValueRule : std::uint8_t { none, partials, accumulate };
+  ValueRule value_rule_ = ValueRule::none;
+  double value_grad_ = 0;
+  double partials_[2];  // d output / d input i, set with value_rule_ == partials
   InputMetas input_meta_;
   InputMeta output_meta_;  // (not `{}`: that would zero all of its Dims' slots first)
   struct Extras {
@@ -212,6 +221,10 @@ class AccumulateGrad final : public Node {
   // Null once the leaf is gone.
   ImplPtr leaf() const { return ImplPtr::retain(leaf_); }
   void forget_leaf() { leaf_ = nullptr; }
+  // Note [one-element graphs]: whether apply() would only add a number into a one-element `.grad`
+  // (no hooks, no graph on `.grad`), and that addition.
+  bool accumulates_value() const;
+  void accumulate_value(double g);
 
  private:
   TensorImpl* leaf_;
@@ -314,6 +327,10 @@ std::vector<Tensor> grad(const std::vector<Tensor>& outputs, const std::vector<T
                          const std::vector<Tensor>& grad_outputs = {}, bool retain_graph = false,
                          bool create_graph = false, bool allow_unused = false);
 
+// How many backward runs on this thread moved numbers rather than tensors (Note [one-element
+// graphs] in engine.cpp): for tests and benchmarks that need to know which path ran.
+std::uint64_t value_backward_runs();
+
 }  // namespace autograd
 
 // ---- recording ops (the one mechanism every op uses) ----
@@ -366,6 +383,38 @@ void record(const char* name, std::initializer_list<TensorRef> inputs, Tensor& o
 template <class F>
 void record(const char* name, std::span<const Tensor> inputs, Tensor& output, F&& fn) {
   record_node(make_node<FunctionNode<std::decay_t<F>>>(name, std::forward<F>(fn)), inputs, output);
+}
+
+// True when the op's output and every input are one element of one shape and floating dtype.
+inline bool one_element_op(std::initializer_list<TensorRef> inputs, const Tensor& output) {
+  const Dims& shape = output.shape();
+  if (!is_floating(output.dtype()) || (!shape.empty() && shape.numel() != 1)) return false;
+  for (const TensorRef& r : inputs) {
+    const Tensor& t = r.get();
+    if (!t.defined() || t.dtype() != output.dtype() || !(t.shape() == shape)) return false;
+  }
+  return true;
+}
+
+// Gives the node just recorded for `output` its local derivatives at these one-element values
+// (Note [one-element graphs] in engine.cpp): `partials(x..., y)` returns d y / d x_i for each
+// input x_i, evaluated in the inputs' dtype. A backward over a graph made only of such nodes then
+// moves numbers instead of tensors. Other shapes record nothing here.
+template <class P, class... Ts>
+void record_partials(const Tensor& output, P partials, const Ts&... inputs) {
+  constexpr std::size_t n = sizeof...(Ts);
+  static_assert(n >= 1 && n <= 2, "record_partials: ops of one or two inputs");
+  if (!output.grad_fn() || !one_element_op({inputs...}, output)) return;
+  std::array<double, n> d;
+  auto evaluate = [&]<class T>() {
+    const std::array<T, n> p = partials(inputs.template data<T>()[0]..., output.template data<T>()[0]);
+    for (std::size_t i = 0; i < n; ++i) d[i] = static_cast<double>(p[i]);
+  };
+  if (output.dtype() == DType::Float32)
+    evaluate.template operator()<float>();
+  else
+    evaluate.template operator()<double>();
+  set_partials(*output.grad_fn(), d);
 }
 
 }  // namespace detail

@@ -103,22 +103,28 @@ class Engine {
     } reset{nodes};
 
     // 1. Discover the graph and count, for each node, the edges that point into it. `nodes` is its
-    // own work list (breadth first): each node is visited once, in the order it was found.
-    for (const auto& r : roots) {
-      if (!r->visited_) {
-        r->visited_ = true;
-        nodes.push_back(r.get());
-      }
-    }
+    // own work list (breadth first): each node is visited once, in the order it was found. On the
+    // way, see whether every node can run on numbers (Note [one-element graphs]).
+    bool by_value = !capture && !opt.observer && !opt.create_graph && !AnomalyMode::is_enabled();
+    auto visit = [&](Node* n) {
+      n->visited_ = true;
+      n->value_grad_ = 0;
+      by_value = by_value && runs_by_value(*n);
+      nodes.push_back(n);
+    };
+    for (const auto& r : roots)
+      if (!r->visited_) visit(r.get());
     for (std::size_t i = 0; i < nodes.size(); ++i) {
       for (const auto& e : nodes[i]->next_edges_) {
         if (!e) continue;
         e->dependencies_++;
-        if (!e->visited_) {
-          e->visited_ = true;
-          nodes.push_back(e.get());
-        }
+        if (!e->visited_) visit(e.get());
       }
+    }
+    if (by_value) {
+      run_by_value(roots, root_grads, opt.retain_graph, scratch);
+      reset.done = true;
+      return;
     }
 
     // 2. For grad(): run only nodes that lead to a requested input; backward() runs everything.
@@ -127,14 +133,12 @@ class Engine {
     // 3. Seed the roots' buffers; among nodes of equal readiness the most recent op runs first.
     ReadyQueue ready(scratch.ready);
     auto push_ready = [&](const NodePtr& n) { ready.push({n->sequence_nr_, &n}); };
-    for (std::size_t i = 0; i < roots.size(); ++i) accumulate(*roots[i], std::move(root_grads[i]), opt);
-    std::vector<Node*>& seeded = scratch.seeded;
-    for (const auto& r : roots) {
-      if (r->dependencies_ == 0 && std::find(seeded.begin(), seeded.end(), r.get()) == seeded.end()) {
-        push_ready(r);
-        seeded.push_back(r.get());
-      }
+    for (std::size_t i = 0; i < roots.size(); ++i) {
+      const InputMeta& out = roots[i]->output_meta_;  // (an implicit gradient: ones, check_root)
+      accumulate(*roots[i], root_grads[i].defined() ? std::move(root_grads[i]) : ones(out.shape, {.dtype = out.dtype}),
+                 opt);
     }
+    push_roots(roots, ready, scratch.seeded);
 
     EnableGradGuard grad_mode(opt.create_graph);
     const bool anomaly = AnomalyMode::is_enabled();
@@ -178,6 +182,86 @@ class Engine {
   }
 
  private:
+  // The roots that wait on no other root, each once.
+  static void push_roots(std::span<const NodePtr> roots, ReadyQueue& ready, std::vector<Node*>& seeded) {
+    for (const auto& r : roots) {
+      if (r->dependencies_ == 0 && std::find(seeded.begin(), seeded.end(), r.get()) == seeded.end()) {
+        ready.push({r->sequence_nr_, &r});
+        seeded.push_back(r.get());
+      }
+    }
+  }
+
+  // Note [one-element graphs]
+  // A graph of one-element values (a scalar formula, the seed network) is mostly bookkeeping when
+  // its gradients are tensors: each edge makes, checks and frees a 0-d tensor, and each node runs
+  // a rule written for any shape. When every node knows its local derivatives as numbers (ops
+  // that record_partials at one element) or adds into a one-element `.grad`, and nothing watches
+  // the gradients as tensors (no hooks, observer, anomaly mode, create_graph or grad()'s capture),
+  // the backward moves numbers instead: the gradient for input i is g * d y / d x_i, computed and
+  // summed at fan-out in the node's dtype, in the same order as the tensor path. The saved tensors
+  // are not read, so an input modified in place after the forward is not an error here: the
+  // gradient is that of the values the forward saw. Any other node sends the whole graph down the
+  // tensor path, which gives the same gradients to within rounding.
+  static bool runs_by_value(const Node& n) {
+    switch (n.value_rule_) {
+      case Node::ValueRule::partials:
+        return !n.released_ && !n.has_pre_hooks();
+      case Node::ValueRule::accumulate:
+        return !n.has_pre_hooks() && static_cast<const AccumulateGrad&>(n).accumulates_value();
+      case Node::ValueRule::none:
+        return false;
+    }
+    return false;
+  }
+
+  template <class T>
+  static void add_product(double& sum, double g, double partial) {
+    sum = static_cast<double>(static_cast<T>(sum) + static_cast<T>(g) * static_cast<T>(partial));
+  }
+
+  static inline thread_local std::uint64_t value_runs = 0;
+
+  static void run_by_value(std::span<const NodePtr> roots, std::span<const Tensor> root_grads, bool retain_graph,
+                           Scratch& scratch) {
+    ++value_runs;
+    for (std::size_t i = 0; i < roots.size(); ++i) {
+      Node& r = *roots[i];
+      const double g = root_grads[i].defined() ? root_grads[i].item() : 1.0;  // (implicit: check_root)
+      if (r.output_meta_.dtype == DType::Float32)
+        add_product<float>(r.value_grad_, g, 1.0);
+      else
+        add_product<double>(r.value_grad_, g, 1.0);
+    }
+    ReadyQueue ready(scratch.ready);
+    push_roots(roots, ready, scratch.seeded);
+    while (!ready.empty()) {
+      Node* node = ready.pop().owner->get();
+      const double g = node->value_grad_;
+      if (node->value_rule_ == Node::ValueRule::accumulate) {
+        static_cast<AccumulateGrad*>(node)->accumulate_value(g);
+      } else {
+        const bool single = node->output_meta_.dtype == DType::Float32;
+        const std::size_t num_edges = node->next_edges_.size();
+        for (std::size_t i = 0; i < num_edges; ++i) {
+          const NodePtr& edge = node->next_edges_[i];
+          Node* next = edge.get();
+          if (!next) continue;
+          if (single)
+            add_product<float>(next->value_grad_, g, node->partials_[i]);
+          else
+            add_product<double>(next->value_grad_, g, node->partials_[i]);
+          if (--next->dependencies_ == 0) ready.push({next->sequence_nr_, &edge});
+        }
+        if (!retain_graph) {
+          node->release_saved();
+          node->released_ = true;
+        }
+      }
+      node->visited_ = false;
+    }
+  }
+
   static void reset_scratch(Node& n) {
     n.dependencies_ = 0;
     n.input_buffer_ = Tensor();
@@ -264,14 +348,18 @@ class Engine {
   }
 
   friend void autograd::backward(const std::vector<Tensor>&, const std::vector<Tensor>&, autograd::BackwardOptions);
+  friend std::uint64_t autograd::value_backward_runs();
   friend std::vector<Tensor> autograd::grad(const std::vector<Tensor>&, const std::vector<Tensor>&,
                                             const std::vector<Tensor>&, bool, bool, bool);
 };
 
 namespace autograd {
+std::uint64_t value_backward_runs() { return Engine::value_runs; }
+
 namespace {
 
-// Checks output `i` and its upstream gradient; `g` becomes ones for a one-element output.
+// Checks output `i` and its upstream gradient. `g` stays undefined for the implicit gradient of a
+// one-element output: the engine seeds it with one (a tensor of ones only on the tensor path).
 void check_root(const Tensor& out, const Tensor& grad_output, std::size_t i, Tensor& g) {
   CG_CHECK(out.defined(), ValueError, "backward: output ", i, " is undefined");
   CG_CHECK(out.requires_grad(), AutogradError, "backward: output ", i,
@@ -282,7 +370,6 @@ void check_root(const Tensor& out, const Tensor& grad_output, std::size_t i, Ten
     CG_CHECK(out.numel() == 1, ValueError,
              "backward: a gradient can be created implicitly only for one-element outputs; got shape ",
              out.shape(), " (pass grad_output)");
-    g = ones(out.shape(), {.dtype = out.dtype()});
   } else {
     CG_CHECK(g.shape() == out.shape(), ShapeError, "backward: grad_output has shape ", g.shape(),
              " but the output has shape ", out.shape());

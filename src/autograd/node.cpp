@@ -146,6 +146,37 @@ const Tensor& SavedTensor::unpack(const Node& owner) const {
 AccumulateGrad::AccumulateGrad(TensorImpl& leaf) : leaf_(&leaf) {
   next_edges_.clear();
   output_meta_ = {leaf.shape, leaf.dtype};
+  if (leaf.shape.numel() == 1 && is_floating(leaf.dtype)) value_rule_ = ValueRule::accumulate;
+}
+
+bool AccumulateGrad::accumulates_value() const {
+  const TensorImpl* leaf = leaf_;
+  if (!leaf) return true;  // (the gradient is dropped)
+  if (leaf->extras && !leaf->extras->hooks.empty()) return false;
+  const TensorImpl* g = leaf->grad_impl.get();
+  return !g || (g->dtype == leaf->dtype && g->shape.numel() == 1 && !g->requires_grad && !g->grad_fn);
+}
+
+void AccumulateGrad::accumulate_value(double g) {
+  TensorImpl* const leaf = leaf_;
+  if (!leaf) return;
+  if (!leaf->grad_impl) {
+    Tensor grad = empty(leaf->shape, leaf->dtype);
+    if (leaf->dtype == DType::Float32)
+      *grad.data<float>() = static_cast<float>(g);
+    else
+      *grad.data<double>() = g;
+    leaf->grad_impl = std::move(grad).take_impl();
+    return;
+  }
+  // In place, as apply() adds into an existing `.grad` (a user's handle on it sees the sum).
+  TensorImpl& grad = *leaf->grad_impl;
+  void* p = static_cast<char*>(grad.storage->data()) + grad.offset * element_size(grad.dtype);
+  if (grad.dtype == DType::Float32)
+    *static_cast<float*>(p) += static_cast<float>(g);
+  else
+    *static_cast<double*>(p) += g;
+  grad.storage->bump_version();
 }
 
 GradList AccumulateGrad::apply(Tensor&& grad_output) {
@@ -198,6 +229,12 @@ bool any_requires_grad(std::span<const Tensor> inputs) {
   for (const Tensor& t : inputs)
     if (t.defined() && t.requires_grad()) return true;
   return false;
+}
+
+void set_partials(Node& node, std::span<const double> partials) {
+  CG_ASSERT(partials.size() == node.next_edges_.size() && partials.size() <= 2);
+  std::copy(partials.begin(), partials.end(), node.partials_);
+  node.value_rule_ = Node::ValueRule::partials;
 }
 
 void record_node(NodePtr node, std::span<const Tensor> inputs, Tensor& output) {

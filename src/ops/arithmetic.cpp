@@ -19,26 +19,30 @@ SavedTensor save_if(bool needed, const Tensor& t) { return needed ? SavedTensor(
 // d(a+b)/da = 1, d(a+b)/db = 1
 Tensor add(const Tensor& a, const Tensor& b) {
   Tensor out = binary_map(a, b, "add", [](auto x, auto y) { return x + y; });
-  if (detail::any_requires_grad({a, b}))
+  if (detail::any_requires_grad({a, b})) {
     record("add", {a, b}, out, [](Tensor g, const Node&) { return GradList{g, std::move(g)}; });
+    detail::record_partials(out, [](auto x, auto, auto) { return std::array{decltype(x)(1), decltype(x)(1)}; }, a, b);
+  }
   return out;
 }
 
 // d(a-b)/da = 1, d(a-b)/db = -1
 Tensor sub(const Tensor& a, const Tensor& b) {
   Tensor out = binary_map(a, b, "sub", [](auto x, auto y) { return x - y; });
-  if (detail::any_requires_grad({a, b}))
+  if (detail::any_requires_grad({a, b})) {
     record("sub", {a, b}, out, [](Tensor g, const Node& self) {
       Tensor gb = self.needs_grad(1) ? neg(g) : Tensor();
       return GradList{std::move(g), std::move(gb)};
     });
+    detail::record_partials(out, [](auto x, auto, auto) { return std::array{decltype(x)(1), decltype(x)(-1)}; }, a, b);
+  }
   return out;
 }
 
 // d(ab)/da = b, d(ab)/db = a
 Tensor mul(const Tensor& a, const Tensor& b) {
   Tensor out = binary_map(a, b, "mul", times);
-  if (detail::any_requires_grad({a, b}))
+  if (detail::any_requires_grad({a, b})) {
     // Each input is needed only for the other's gradient (w x with a constant x keeps no w).
     record("mul", {a, b}, out,
            [sa = save_if(b.requires_grad(), a), sb = save_if(a.requires_grad(), b)](Tensor g, const Node& self) {
@@ -51,27 +55,33 @@ Tensor mul(const Tensor& a, const Tensor& b) {
       }
       return GradList{na ? mul(g, sb.unpack(self)) : Tensor(), nb ? mul(g, sa.unpack(self)) : Tensor()};
     });
+    detail::record_partials(out, [](auto x, auto y, auto) { return std::array{y, x}; }, a, b);
+  }
   return out;
 }
 
 // d(a/b)/da = 1/b, d(a/b)/db = -a/b^2
 Tensor div(const Tensor& a, const Tensor& b) {
   Tensor out = binary_map(a, b, "div", [](auto x, auto y) { return x / y; });
-  if (detail::any_requires_grad({a, b}))
+  if (detail::any_requires_grad({a, b})) {
     record("div", {a, b}, out, [sa = save_if(b.requires_grad(), a), sb = SavedTensor(b, false)](const Tensor& g,
                                                                                                  const Node& self) {
       const Tensor& bv = sb.unpack(self);
       return GradList{self.needs_grad(0) ? div(g, bv) : Tensor(),
                       self.needs_grad(1) ? neg(div(mul(g, sa.unpack(self)), square(bv))) : Tensor()};
     });
+    detail::record_partials(out, [](auto x, auto y, auto) { return std::array{1 / y, -x / (y * y)}; }, a, b);
+  }
   return out;
 }
 
 // d(-x)/dx = -1
 Tensor neg(const Tensor& x) {
   Tensor out = detail::unary_map(x, "neg", [](auto v) { return -v; });
-  if (detail::any_requires_grad({x}))
+  if (detail::any_requires_grad({x})) {
     record("neg", {x}, out, [](const Tensor& g, const Node&) { return GradList{neg(g)}; });
+    detail::record_partials(out, [](auto v, auto) { return std::array{-decltype(v)(1)}; }, x);
+  }
   return out;
 }
 
@@ -82,22 +92,27 @@ Tensor pow(const Tensor& x, double p) {
     out = detail::unary_map(x, "pow", [](auto v) { return v * v; });
   else
     out = detail::unary_map(x, "pow", [p](auto v) { return static_cast<decltype(v)>(std::pow(v, p)); });
-  if (detail::any_requires_grad({x}))
-    record("pow", {x}, out, [sx = SavedTensor(x, false), p](Tensor g, const Node& self) {
+  if (detail::any_requires_grad({x})) {
+    // p x^(p-1) at one element, with the arithmetic of the composed rule below.
+    auto derivative = [p](auto v) {
+      using T = decltype(v);
+      const double q = p - 1.0;
+      if (p == 0.0) return T(0);
+      if (p == 2.0) return v * T(2);
+      return (q == 1.0 ? v : (q == 2.0 ? v * v : static_cast<T>(std::pow(v, q)))) * static_cast<T>(p);
+    };
+    record("pow", {x}, out, [sx = SavedTensor(x, false), p, derivative](Tensor g, const Node& self) {
       const Tensor& xv = sx.unpack(self);
       if (p == 0.0) return GradList{zeros_like(g)};
-      if (!GradMode::is_enabled()) {
-        // No graph to record (no create_graph): one fused pass, same arithmetic as below.
-        const double q = p - 1.0;
-        return GradList{detail::grad_map(std::move(g), xv, "pow_backward", [p, q](auto gv, auto v) {
-          using T = decltype(v);
-          const T xq = q == 1.0 ? v : (q == 2.0 ? v * v : static_cast<T>(std::pow(v, q)));
-          return gv * (p == 2.0 ? v * T(2) : xq * static_cast<T>(p));
-        })};
+      if (!GradMode::is_enabled()) {  // no graph to record (no create_graph): one fused pass
+        return GradList{detail::grad_map(std::move(g), xv, "pow_backward",
+                                         [derivative](auto gv, auto v) { return gv * derivative(v); })};
       }
       const Tensor dx = p == 2.0 ? mul(xv, scalar_like(xv, 2.0)) : mul(pow(xv, p - 1.0), scalar_like(xv, p));
       return GradList{mul(g, dx)};
     });
+    detail::record_partials(out, [derivative](auto v, auto) { return std::array{derivative(v)}; }, x);
+  }
   return out;
 }
 

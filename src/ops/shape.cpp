@@ -248,6 +248,7 @@ Tensor stack(const std::vector<Tensor>& xs, std::int64_t dim) {
 
 std::vector<Tensor> split(const Tensor& x, std::int64_t split_size, std::int64_t dim_in) {
   CG_CHECK(split_size > 0, ValueError, "split: split_size must be positive; got ", split_size);
+  CG_CHECK(x.dim() > 0, ShapeError, "split: cannot split a 0-d tensor");  // (it has no dimension to split)
   const int dim = wrap_dim(dim_in, x.dim(), "split");
   std::vector<Tensor> parts;
   for (std::int64_t s = 0; s < x.shape()[dim]; s += split_size) parts.push_back(slice(x, dim, s, s + split_size));

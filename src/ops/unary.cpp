@@ -48,20 +48,24 @@ T stable_sigmoid(T v) {
 // d/dx e^x = e^x
 Tensor exp(const Tensor& x) {
   Tensor out = vector_unary(x, "exp", kernels::vexp, [](auto v) { return std::exp(v); });
-  if (detail::any_requires_grad({x}))
+  if (detail::any_requires_grad({x})) {
     record("exp", {x}, out, [so = SavedTensor(out, true)](const Tensor& g, const Node& self) {
       return GradList{mul(g, so.unpack(self))};
     });
+    detail::record_partials(out, [](auto, auto y) { return std::array{y}; }, x);
+  }
   return out;
 }
 
 // d/dx log x = 1/x
 Tensor log(const Tensor& x) {
   Tensor out = vector_unary(x, "log", kernels::vlog, [](auto v) { return std::log(v); });
-  if (detail::any_requires_grad({x}))
+  if (detail::any_requires_grad({x})) {
     record("log", {x}, out, [sx = SavedTensor(x, false)](const Tensor& g, const Node& self) {
       return GradList{div(g, sx.unpack(self))};
     });
+    detail::record_partials(out, [](auto v, auto) { return std::array{1 / v}; }, x);
+  }
   return out;
 }
 
@@ -78,10 +82,12 @@ Tensor log1p(const Tensor& x) {
 // d/dx sqrt x = 1/(2 sqrt x)
 Tensor sqrt(const Tensor& x) {
   Tensor out = unary_map(x, "sqrt", [](auto v) { return std::sqrt(v); });
-  if (detail::any_requires_grad({x}))
+  if (detail::any_requires_grad({x})) {
     record("sqrt", {x}, out, [so = SavedTensor(out, true)](const Tensor& g, const Node& self) {
       return GradList{div(g, so.unpack(self) * 2.0)};
     });
+    detail::record_partials(out, [](auto, auto y) { return std::array{1 / (y * 2)}; }, x);
+  }
   return out;
 }
 
@@ -109,32 +115,38 @@ Tensor abs(const Tensor& x) {
 // d/dx sin x = cos x
 Tensor sin(const Tensor& x) {
   Tensor out = unary_map(x, "sin", [](auto v) { return std::sin(v); });
-  if (detail::any_requires_grad({x}))
+  if (detail::any_requires_grad({x})) {
     record("sin", {x}, out, [sx = SavedTensor(x, false)](const Tensor& g, const Node& self) {
       return GradList{mul(g, cos(sx.unpack(self)))};
     });
+    detail::record_partials(out, [](auto v, auto) { return std::array{std::cos(v)}; }, x);
+  }
   return out;
 }
 
 // d/dx cos x = -sin x
 Tensor cos(const Tensor& x) {
   Tensor out = unary_map(x, "cos", [](auto v) { return std::cos(v); });
-  if (detail::any_requires_grad({x}))
+  if (detail::any_requires_grad({x})) {
     record("cos", {x}, out, [sx = SavedTensor(x, false)](const Tensor& g, const Node& self) {
       return GradList{neg(mul(g, sin(sx.unpack(self))))};
     });
+    detail::record_partials(out, [](auto v, auto) { return std::array{-std::sin(v)}; }, x);
+  }
   return out;
 }
 
 // d/dx tanh x = 1 - tanh(x)^2
 Tensor tanh(const Tensor& x) {
   Tensor out = vector_unary(x, "tanh", kernels::vtanh, [](auto v) { return std::tanh(v); });
-  if (detail::any_requires_grad({x}))
+  if (detail::any_requires_grad({x})) {
     record("tanh", {x}, out, [so = SavedTensor(out, true)](Tensor g, const Node& self) {
       const Tensor& y = so.unpack(self);
       if (!GradMode::is_enabled()) return GradList{detail::grad_map(std::move(g), y, "tanh_backward", tanh_grad)};
       return GradList{tanh_backward(g, y)};
     });
+    detail::record_partials(out, [](auto, auto y) { return std::array{tanh_grad(decltype(y)(1), y)}; }, x);
+  }
   return out;
 }
 
@@ -152,12 +164,14 @@ Tensor erf(const Tensor& x) {
 // sigma(x) = 1/(1+e^-x), evaluated without overflow on either side; d/dx sigma = sigma (1 - sigma)
 Tensor sigmoid(const Tensor& x) {
   Tensor out = vector_unary(x, "sigmoid", kernels::vsigmoid, [](auto v) { return stable_sigmoid(v); });
-  if (detail::any_requires_grad({x}))
+  if (detail::any_requires_grad({x})) {
     record("sigmoid", {x}, out, [so = SavedTensor(out, true)](Tensor g, const Node& self) {
       const Tensor& y = so.unpack(self);
       if (!GradMode::is_enabled()) return GradList{detail::grad_map(std::move(g), y, "sigmoid_backward", sigmoid_grad)};
       return GradList{sigmoid_backward(g, y)};
     });
+    detail::record_partials(out, [](auto, auto y) { return std::array{sigmoid_grad(decltype(y)(1), y)}; }, x);
+  }
   return out;
 }
 
@@ -190,7 +204,7 @@ Tensor tanh_backward(const Tensor& grad_output, const Tensor& y) {
 // d/dx max(x, 0) = [x > 0]
 Tensor relu(const Tensor& x) {
   Tensor out = unary_map(x, "relu", [](auto v) { return v > 0 ? v : decltype(v)(0); });
-  if (detail::any_requires_grad({x}))
+  if (detail::any_requires_grad({x})) {
     record("relu", {x}, out, [so = SavedTensor(out, true)](Tensor g, const Node& self) {
       // The output is positive exactly where the input is, so the mask can come from either.
       const Tensor y = so.unpack(self).detach();
@@ -200,6 +214,8 @@ Tensor relu(const Tensor& x) {
       const Tensor mask = constant_factor(y, [](auto v) { return decltype(v)(v > 0); });
       return GradList{mul(g, mask)};
     });
+    detail::record_partials(out, [](auto, auto y) { return std::array{relu_grad(decltype(y)(1), y)}; }, x);
+  }
   return out;
 }
 
