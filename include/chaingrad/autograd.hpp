@@ -25,6 +25,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "chaingrad/small_vector.hpp"
@@ -78,7 +79,9 @@ struct TensorRef {
   const Tensor& get() const { return *tensor; }
   const Tensor* tensor;
 };
-void record_node(NodePtr node, std::span<const TensorRef> inputs, Tensor& output);
+// `one_element`: the op's inputs and output are one element of one shape and dtype
+// (one_element_op), so the node keeps only the output's metadata.
+void record_node(NodePtr node, std::span<const TensorRef> inputs, Tensor& output, bool one_element = false);
 void set_partials(Node& node, std::span<const double> partials);
 
 // The engine marks the node whose backward is running, as the reference that owns it, so that a
@@ -121,7 +124,9 @@ class Node {
   using Edges = SmallVector<NodePtr, 3>;
   using InputMetas = SmallVector<InputMeta, 3>;
   const Edges& next_edges() const { return next_edges_; }
-  const InputMetas& input_meta() const { return input_meta_; }
+  // Shape and dtype of input i, recorded at creation (a one-element node's inputs all share its
+  // output's, which is all it keeps: Note [one-element graphs]).
+  const InputMeta& input_meta(std::size_t i) const { return input_meta_.empty() ? output_meta_ : input_meta_[i]; }
   std::uint64_t sequence_nr() const { return sequence_nr_; }
   bool released() const { return released_; }
   // Output's shape and dtype, recorded at creation.
@@ -135,7 +140,7 @@ class Node {
 
  protected:
   friend class Engine;
-  friend void detail::record_node(NodePtr, std::span<const detail::TensorRef>, Tensor&);
+  friend void detail::record_node(NodePtr, std::span<const detail::TensorRef>, Tensor&, bool);
   template <class T, class... Args>
   friend NodePtr detail::make_node(Args&&... args);
   friend void detail::set_partials(Node& node, std::span<const double> partials);
@@ -396,26 +401,40 @@ inline bool one_element_op(std::initializer_list<TensorRef> inputs, const Tensor
   return true;
 }
 
-// Gives the node just recorded for `output` its local derivatives at these one-element values
-// (Note [one-element graphs] in engine.cpp): `partials(x..., y)` returns d y / d x_i for each
-// input x_i, evaluated in the inputs' dtype. A backward over a graph made only of such nodes then
-// moves numbers instead of tensors. Other shapes record nothing here.
-template <class P, class... Ts>
-void record_partials(const Tensor& output, P partials, const Ts&... inputs) {
-  constexpr std::size_t n = sizeof...(Ts);
-  static_assert(n >= 1 && n <= 2, "record_partials: ops of one or two inputs");
-  if (!output.grad_fn() || !one_element_op({inputs...}, output)) return;
-  std::array<double, n> d;
-  auto evaluate = [&]<class T>() {
-    const std::array<T, n> p = partials(inputs.template data<T>()[0]..., output.template data<T>()[0]);
-    for (std::size_t i = 0; i < n; ++i) d[i] = static_cast<double>(p[i]);
-  };
-  if (output.dtype() == DType::Float32)
-    evaluate.template operator()<float>();
-  else
-    evaluate.template operator()<double>();
-  set_partials(*output.grad_fn(), d);
+// record() for an elementwise op of one or two inputs that also knows its local derivatives:
+// `partials(x..., y)` returns d y / d x_i for each input x_i, as std::array, in the inputs' dtype.
+// At one element they are evaluated now, so that a backward over a graph of such nodes moves
+// numbers instead of tensors (Note [one-element graphs] in engine.cpp); `fn` serves every other
+// backward. The op registry checks both against finite differences.
+template <class F, class P>
+void record(const char* name, std::initializer_list<TensorRef> inputs, Tensor& output, F&& fn, P partials) {
+  NodePtr node = make_node<FunctionNode<std::decay_t<F>>>(name, std::forward<F>(fn));
+  const bool one_element = one_element_op(inputs, output);
+  if (one_element) {
+    auto evaluate = [&]<class T>() {
+      const T* x[2] = {inputs.begin()[0].get().template data<T>(),
+                       inputs.begin()[inputs.size() > 1 ? 1 : 0].get().template data<T>()};
+      const T y = *output.template data<T>();
+      if constexpr (std::is_invocable_v<P&, T, T, T>) {
+        CG_ASSERT(inputs.size() == 2);  // (one partial derivative per input)
+        const std::array<T, 2> d = partials(*x[0], *x[1], y);
+        const double as_double[2] = {static_cast<double>(d[0]), static_cast<double>(d[1])};
+        set_partials(*node, as_double);
+      } else {
+        CG_ASSERT(inputs.size() == 1);
+        const std::array<T, 1> d = partials(*x[0], y);
+        const double as_double[1] = {static_cast<double>(d[0])};
+        set_partials(*node, as_double);
+      }
+    };
+    if (output.dtype() == DType::Float32)
+      evaluate.template operator()<float>();
+    else
+      evaluate.template operator()<double>();
+  }
+  record_node(std::move(node), std::span<const TensorRef>(inputs.begin(), inputs.size()), output, one_element);
 }
+
 
 }  // namespace detail
 }  // namespace chaingrad

@@ -293,7 +293,7 @@ class Engine {
 
   // Reduces a broadcast gradient to the input's shape and restores its dtype, in place.
   static void fit_to_input(const Node& node, std::size_t i, Tensor& g, bool anomaly) {
-    const InputMeta& meta = node.input_meta_[i];
+    const InputMeta& meta = node.input_meta(i);
     if (!(g.shape() == meta.shape)) {
       CG_CHECK(g.numel() >= meta.shape.numel(), InternalError, node.name(), ": backward returned a gradient of shape ",
                g.shape(), " for input ", i, " of shape ", meta.shape);

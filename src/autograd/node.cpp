@@ -232,7 +232,7 @@ bool any_requires_grad(std::span<const Tensor> inputs) {
 }
 
 void set_partials(Node& node, std::span<const double> partials) {
-  CG_ASSERT(partials.size() == node.next_edges_.size() && partials.size() <= 2);
+  CG_ASSERT(partials.size() <= 2);
   std::copy(partials.begin(), partials.end(), node.partials_);
   node.value_rule_ = Node::ValueRule::partials;
 }
@@ -244,13 +244,15 @@ void record_node(NodePtr node, std::span<const Tensor> inputs, Tensor& output) {
   record_node(std::move(node), std::span<const TensorRef>(refs), output);
 }
 
-void record_node(NodePtr node, std::span<const TensorRef> inputs, Tensor& output) {
+void record_node(NodePtr node, std::span<const TensorRef> inputs, Tensor& output, bool one_element) {
   node->next_edges_.reserve(inputs.size());
-  node->input_meta_.reserve(inputs.size());
-  for (const TensorRef& ref : inputs) {
-    const Tensor& t = ref.get();
-    node->next_edges_.push_back(gradient_edge(t));
-    node->input_meta_.push_back(t.defined() ? InputMeta{t.shape(), t.dtype()} : InputMeta{{}, DType::Float64});
+  for (const TensorRef& ref : inputs) node->next_edges_.push_back(gradient_edge(ref.get()));
+  if (!one_element) {
+    node->input_meta_.reserve(inputs.size());
+    for (const TensorRef& ref : inputs) {
+      const Tensor& t = ref.get();
+      node->input_meta_.push_back(t.defined() ? InputMeta{t.shape(), t.dtype()} : InputMeta{{}, DType::Float64});
+    }
   }
   node->output_meta_ = {output.shape(), output.dtype()};
   if (output.impl()->extras && !output.name().empty()) node->set_label(output.name());

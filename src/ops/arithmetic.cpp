@@ -20,8 +20,14 @@ SavedTensor save_if(bool needed, const Tensor& t) { return needed ? SavedTensor(
 Tensor add(const Tensor& a, const Tensor& b) {
   Tensor out = binary_map(a, b, "add", [](auto x, auto y) { return x + y; });
   if (detail::any_requires_grad({a, b})) {
-    record("add", {a, b}, out, [](Tensor g, const Node&) { return GradList{g, std::move(g)}; });
-    detail::record_partials(out, [](auto x, auto, auto) { return std::array{decltype(x)(1), decltype(x)(1)}; }, a, b);
+    record(
+        "add", {a, b}, out,
+        [](Tensor g, const Node&) {
+          return GradList{g, std::move(g)};
+        },
+        [](auto x, auto, auto) {
+          return std::array{decltype(x)(1), decltype(x)(1)};
+        });
   }
   return out;
 }
@@ -30,11 +36,15 @@ Tensor add(const Tensor& a, const Tensor& b) {
 Tensor sub(const Tensor& a, const Tensor& b) {
   Tensor out = binary_map(a, b, "sub", [](auto x, auto y) { return x - y; });
   if (detail::any_requires_grad({a, b})) {
-    record("sub", {a, b}, out, [](Tensor g, const Node& self) {
-      Tensor gb = self.needs_grad(1) ? neg(g) : Tensor();
-      return GradList{std::move(g), std::move(gb)};
-    });
-    detail::record_partials(out, [](auto x, auto, auto) { return std::array{decltype(x)(1), decltype(x)(-1)}; }, a, b);
+    record(
+        "sub", {a, b}, out,
+        [](Tensor g, const Node& self) {
+          Tensor gb = self.needs_grad(1) ? neg(g) : Tensor();
+          return GradList{std::move(g), std::move(gb)};
+        },
+        [](auto x, auto, auto) {
+          return std::array{decltype(x)(1), decltype(x)(-1)};
+        });
   }
   return out;
 }
@@ -44,18 +54,22 @@ Tensor mul(const Tensor& a, const Tensor& b) {
   Tensor out = binary_map(a, b, "mul", times);
   if (detail::any_requires_grad({a, b})) {
     // Each input is needed only for the other's gradient (w x with a constant x keeps no w).
-    record("mul", {a, b}, out,
-           [sa = save_if(b.requires_grad(), a), sb = save_if(a.requires_grad(), b)](Tensor g, const Node& self) {
-      const bool na = self.needs_grad(0), nb = self.needs_grad(1);
-      if (!GradMode::is_enabled()) {  // the last product may be written over g (grad_map)
-        Tensor ga = na ? (nb ? mul(g, sb.unpack(self)) : detail::grad_map(std::move(g), sb.unpack(self), "mul", times))
-                       : Tensor();
-        Tensor gb = nb ? detail::grad_map(std::move(g), sa.unpack(self), "mul", times) : Tensor();
-        return GradList{std::move(ga), std::move(gb)};
-      }
-      return GradList{na ? mul(g, sb.unpack(self)) : Tensor(), nb ? mul(g, sa.unpack(self)) : Tensor()};
-    });
-    detail::record_partials(out, [](auto x, auto y, auto) { return std::array{y, x}; }, a, b);
+    record(
+        "mul", {a, b}, out,
+        [sa = save_if(b.requires_grad(), a), sb = save_if(a.requires_grad(), b)](Tensor g, const Node& self) {
+          const bool na = self.needs_grad(0), nb = self.needs_grad(1);
+          if (!GradMode::is_enabled()) {  // the last product may be written over g (grad_map)
+            Tensor ga =
+                na ? (nb ? mul(g, sb.unpack(self)) : detail::grad_map(std::move(g), sb.unpack(self), "mul", times))
+                   : Tensor();
+            Tensor gb = nb ? detail::grad_map(std::move(g), sa.unpack(self), "mul", times) : Tensor();
+            return GradList{std::move(ga), std::move(gb)};
+          }
+          return GradList{na ? mul(g, sb.unpack(self)) : Tensor(), nb ? mul(g, sa.unpack(self)) : Tensor()};
+        },
+        [](auto x, auto y, auto) {
+          return std::array{y, x};
+        });
   }
   return out;
 }
@@ -64,13 +78,16 @@ Tensor mul(const Tensor& a, const Tensor& b) {
 Tensor div(const Tensor& a, const Tensor& b) {
   Tensor out = binary_map(a, b, "div", [](auto x, auto y) { return x / y; });
   if (detail::any_requires_grad({a, b})) {
-    record("div", {a, b}, out, [sa = save_if(b.requires_grad(), a), sb = SavedTensor(b, false)](const Tensor& g,
-                                                                                                 const Node& self) {
-      const Tensor& bv = sb.unpack(self);
-      return GradList{self.needs_grad(0) ? div(g, bv) : Tensor(),
-                      self.needs_grad(1) ? neg(div(mul(g, sa.unpack(self)), square(bv))) : Tensor()};
-    });
-    detail::record_partials(out, [](auto x, auto y, auto) { return std::array{1 / y, -x / (y * y)}; }, a, b);
+    record(
+        "div", {a, b}, out,
+        [sa = save_if(b.requires_grad(), a), sb = SavedTensor(b, false)](const Tensor& g, const Node& self) {
+          const Tensor& bv = sb.unpack(self);
+          return GradList{self.needs_grad(0) ? div(g, bv) : Tensor(),
+                          self.needs_grad(1) ? neg(div(mul(g, sa.unpack(self)), square(bv))) : Tensor()};
+        },
+        [](auto x, auto y, auto) {
+          return std::array{1 / y, -x / (y * y)};
+        });
   }
   return out;
 }
@@ -79,8 +96,9 @@ Tensor div(const Tensor& a, const Tensor& b) {
 Tensor neg(const Tensor& x) {
   Tensor out = detail::unary_map(x, "neg", [](auto v) { return -v; });
   if (detail::any_requires_grad({x})) {
-    record("neg", {x}, out, [](const Tensor& g, const Node&) { return GradList{neg(g)}; });
-    detail::record_partials(out, [](auto v, auto) { return std::array{-decltype(v)(1)}; }, x);
+    record(
+        "neg", {x}, out, [](const Tensor& g, const Node&) { return GradList{neg(g)}; },
+        [](auto v, auto) { return std::array{-decltype(v)(1)}; });
   }
   return out;
 }
@@ -101,17 +119,19 @@ Tensor pow(const Tensor& x, double p) {
       if (p == 2.0) return v * T(2);
       return (q == 1.0 ? v : (q == 2.0 ? v * v : static_cast<T>(std::pow(v, q)))) * static_cast<T>(p);
     };
-    record("pow", {x}, out, [sx = SavedTensor(x, false), p, derivative](Tensor g, const Node& self) {
-      const Tensor& xv = sx.unpack(self);
-      if (p == 0.0) return GradList{zeros_like(g)};
-      if (!GradMode::is_enabled()) {  // no graph to record (no create_graph): one fused pass
-        return GradList{detail::grad_map(std::move(g), xv, "pow_backward",
-                                         [derivative](auto gv, auto v) { return gv * derivative(v); })};
-      }
-      const Tensor dx = p == 2.0 ? mul(xv, scalar_like(xv, 2.0)) : mul(pow(xv, p - 1.0), scalar_like(xv, p));
-      return GradList{mul(g, dx)};
-    });
-    detail::record_partials(out, [derivative](auto v, auto) { return std::array{derivative(v)}; }, x);
+    record(
+        "pow", {x}, out,
+        [sx = SavedTensor(x, false), p, derivative](Tensor g, const Node& self) {
+          const Tensor& xv = sx.unpack(self);
+          if (p == 0.0) return GradList{zeros_like(g)};
+          if (!GradMode::is_enabled()) {  // no graph to record (no create_graph): one fused pass
+            return GradList{detail::grad_map(std::move(g), xv, "pow_backward",
+                                             [derivative](auto gv, auto v) { return gv * derivative(v); })};
+          }
+          const Tensor dx = p == 2.0 ? mul(xv, scalar_like(xv, 2.0)) : mul(pow(xv, p - 1.0), scalar_like(xv, p));
+          return GradList{mul(g, dx)};
+        },
+        [derivative](auto v, auto) { return std::array{derivative(v)}; });
   }
   return out;
 }

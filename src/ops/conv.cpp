@@ -150,13 +150,13 @@ Tensor conv2d(const Tensor& x, const Tensor& weight, const Tensor& bias, std::in
            [sx = SavedTensor(x, false), sw = SavedTensor(weight, false), g](const Tensor& gr, const Node& self) {
              GradList grads(3);
              if (self.needs_grad(0))
-               grads[0] = conv2d_backward_input(gr, sw.unpack(self), self.input_meta()[0].shape, g.stride, g.pad, g.dil);
+               grads[0] = conv2d_backward_input(gr, sw.unpack(self), self.input_meta(0).shape, g.stride, g.pad, g.dil);
              if (self.needs_grad(1) && self.needs_grad(2) && fuse_weight_and_bias_grads(gr, sx.unpack(self))) {
-               std::tie(grads[1], grads[2]) = conv_weight_and_bias_grads(gr, sx.unpack(self), self.input_meta()[1].shape, g);
+               std::tie(grads[1], grads[2]) = conv_weight_and_bias_grads(gr, sx.unpack(self), self.input_meta(1).shape, g);
                return grads;
              }
              if (self.needs_grad(1))
-               grads[1] = conv2d_backward_weight(gr, sx.unpack(self), self.input_meta()[1].shape, g.stride, g.pad, g.dil);
+               grads[1] = conv2d_backward_weight(gr, sx.unpack(self), self.input_meta(1).shape, g.stride, g.pad, g.dil);
              if (self.needs_grad(2)) grads[2] = conv_bias_grad(gr, g);
              return grads;
            });
@@ -182,7 +182,7 @@ Tensor conv2d_backward_input(const Tensor& grad_output, const Tensor& weight, co
              GradList grads(2);
              if (self.needs_grad(0)) grads[0] = conv2d(gx, sw.unpack(self), {}, g.stride, g.pad, g.dil);
              if (self.needs_grad(1))
-               grads[1] = conv2d_backward_weight(sg.unpack(self), gx, self.input_meta()[1].shape, g.stride, g.pad, g.dil);
+               grads[1] = conv2d_backward_weight(sg.unpack(self), gx, self.input_meta(1).shape, g.stride, g.pad, g.dil);
              return grads;
            });
   return dx;
@@ -207,7 +207,7 @@ Tensor conv2d_backward_weight(const Tensor& grad_output, const Tensor& input, co
              GradList grads(2);
              if (self.needs_grad(0)) grads[0] = conv2d(sx.unpack(self), gw, {}, g.stride, g.pad, g.dil);
              if (self.needs_grad(1))
-               grads[1] = conv2d_backward_input(sg.unpack(self), gw, self.input_meta()[1].shape, g.stride, g.pad, g.dil);
+               grads[1] = conv2d_backward_input(sg.unpack(self), gw, self.input_meta(1).shape, g.stride, g.pad, g.dil);
              return grads;
            });
   return dw;
@@ -254,7 +254,7 @@ Tensor max_pool2d_backward_impl(const Tensor& grad_output, const Tensor& indices
   });
   if (detail::any_requires_grad({grad_output}))
     record("max_pool2d_backward", {grad_output}, dx, [idx, planes, in_plane](const Tensor& gg, const Node& self) {
-      const Dims& gs = self.input_meta()[0].shape;
+      const Dims& gs = self.input_meta(0).shape;
       const Tensor picked = gather(reshape(gg, {planes, in_plane}), 1, reshape(idx, {planes, gs[2] * gs[3]}));
       return GradList{reshape(picked, gs)};
     });
@@ -277,7 +277,7 @@ Tensor max_pool2d(const Tensor& x_in, std::int64_t kernel, std::int64_t stride) 
   });
   if (detail::any_requires_grad({x_in}))
     record("max_pool2d", {x_in}, out, [index, kernel, stride](const Tensor& gr, const Node& self) {
-      return GradList{max_pool2d_backward_impl(gr, index, self.input_meta()[0].shape, {kernel, stride})};
+      return GradList{max_pool2d_backward_impl(gr, index, self.input_meta(0).shape, {kernel, stride})};
     });
   return out;
 }

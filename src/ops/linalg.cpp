@@ -157,7 +157,7 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
              GradList grads(3);
              if (self.needs_grad(0)) {
                const Tensor gx = mm(g2, sw.unpack(self));
-               grads[0] = g.dim() == 2 ? gx : reshape(gx, self.input_meta()[0].shape);
+               grads[0] = g.dim() == 2 ? gx : reshape(gx, self.input_meta(0).shape);
              }
              if (self.needs_grad(1)) {
                const Tensor& xv = sx.unpack(self);

@@ -165,7 +165,7 @@ Tensor layer_norm(const Tensor& x, const Dims& normalized_shape, const Tensor& w
            const Tensor gc = packed(g), xc2 = packed(xv), wc2 = packed(wv);
            Tensor dx = self.needs_grad(0) ? empty(xv.shape(), xv.dtype()) : Tensor();
            Tensor dw = self.needs_grad(1) ? empty(wv.shape(), wv.dtype()) : Tensor();
-           Tensor db = self.needs_grad(2) ? empty(self.input_meta()[2].shape, xv.dtype()) : Tensor();
+           Tensor db = self.needs_grad(2) ? empty(self.input_meta(2).shape, xv.dtype()) : Tensor();
            dispatch_float(xv.dtype(), "layer_norm_backward", [&]<class T>() {
              layer_norm_backward<T>(gc.data<T>(), xc2.data<T>(), data_or_null<T>(wc2),
                                     mean.data<T>(), rstd.data<T>(), data_or_null<T>(dx),

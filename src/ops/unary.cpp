@@ -49,10 +49,10 @@ T stable_sigmoid(T v) {
 Tensor exp(const Tensor& x) {
   Tensor out = vector_unary(x, "exp", kernels::vexp, [](auto v) { return std::exp(v); });
   if (detail::any_requires_grad({x})) {
-    record("exp", {x}, out, [so = SavedTensor(out, true)](const Tensor& g, const Node& self) {
-      return GradList{mul(g, so.unpack(self))};
-    });
-    detail::record_partials(out, [](auto, auto y) { return std::array{y}; }, x);
+    record(
+        "exp", {x}, out,
+        [so = SavedTensor(out, true)](const Tensor& g, const Node& self) { return GradList{mul(g, so.unpack(self))}; },
+        [](auto, auto y) { return std::array{y}; });
   }
   return out;
 }
@@ -61,10 +61,10 @@ Tensor exp(const Tensor& x) {
 Tensor log(const Tensor& x) {
   Tensor out = vector_unary(x, "log", kernels::vlog, [](auto v) { return std::log(v); });
   if (detail::any_requires_grad({x})) {
-    record("log", {x}, out, [sx = SavedTensor(x, false)](const Tensor& g, const Node& self) {
-      return GradList{div(g, sx.unpack(self))};
-    });
-    detail::record_partials(out, [](auto v, auto) { return std::array{1 / v}; }, x);
+    record(
+        "log", {x}, out,
+        [sx = SavedTensor(x, false)](const Tensor& g, const Node& self) { return GradList{div(g, sx.unpack(self))}; },
+        [](auto v, auto) { return std::array{1 / v}; });
   }
   return out;
 }
@@ -83,10 +83,12 @@ Tensor log1p(const Tensor& x) {
 Tensor sqrt(const Tensor& x) {
   Tensor out = unary_map(x, "sqrt", [](auto v) { return std::sqrt(v); });
   if (detail::any_requires_grad({x})) {
-    record("sqrt", {x}, out, [so = SavedTensor(out, true)](const Tensor& g, const Node& self) {
-      return GradList{div(g, so.unpack(self) * 2.0)};
-    });
-    detail::record_partials(out, [](auto, auto y) { return std::array{1 / (y * 2)}; }, x);
+    record(
+        "sqrt", {x}, out,
+        [so = SavedTensor(out, true)](const Tensor& g, const Node& self) {
+          return GradList{div(g, so.unpack(self) * 2.0)};
+        },
+        [](auto, auto y) { return std::array{1 / (y * 2)}; });
   }
   return out;
 }
@@ -116,10 +118,12 @@ Tensor abs(const Tensor& x) {
 Tensor sin(const Tensor& x) {
   Tensor out = unary_map(x, "sin", [](auto v) { return std::sin(v); });
   if (detail::any_requires_grad({x})) {
-    record("sin", {x}, out, [sx = SavedTensor(x, false)](const Tensor& g, const Node& self) {
-      return GradList{mul(g, cos(sx.unpack(self)))};
-    });
-    detail::record_partials(out, [](auto v, auto) { return std::array{std::cos(v)}; }, x);
+    record(
+        "sin", {x}, out,
+        [sx = SavedTensor(x, false)](const Tensor& g, const Node& self) {
+          return GradList{mul(g, cos(sx.unpack(self)))};
+        },
+        [](auto v, auto) { return std::array{std::cos(v)}; });
   }
   return out;
 }
@@ -128,10 +132,12 @@ Tensor sin(const Tensor& x) {
 Tensor cos(const Tensor& x) {
   Tensor out = unary_map(x, "cos", [](auto v) { return std::cos(v); });
   if (detail::any_requires_grad({x})) {
-    record("cos", {x}, out, [sx = SavedTensor(x, false)](const Tensor& g, const Node& self) {
-      return GradList{neg(mul(g, sin(sx.unpack(self))))};
-    });
-    detail::record_partials(out, [](auto v, auto) { return std::array{-std::sin(v)}; }, x);
+    record(
+        "cos", {x}, out,
+        [sx = SavedTensor(x, false)](const Tensor& g, const Node& self) {
+          return GradList{neg(mul(g, sin(sx.unpack(self))))};
+        },
+        [](auto v, auto) { return std::array{-std::sin(v)}; });
   }
   return out;
 }
@@ -140,12 +146,14 @@ Tensor cos(const Tensor& x) {
 Tensor tanh(const Tensor& x) {
   Tensor out = vector_unary(x, "tanh", kernels::vtanh, [](auto v) { return std::tanh(v); });
   if (detail::any_requires_grad({x})) {
-    record("tanh", {x}, out, [so = SavedTensor(out, true)](Tensor g, const Node& self) {
-      const Tensor& y = so.unpack(self);
-      if (!GradMode::is_enabled()) return GradList{detail::grad_map(std::move(g), y, "tanh_backward", tanh_grad)};
-      return GradList{tanh_backward(g, y)};
-    });
-    detail::record_partials(out, [](auto, auto y) { return std::array{tanh_grad(decltype(y)(1), y)}; }, x);
+    record(
+        "tanh", {x}, out,
+        [so = SavedTensor(out, true)](Tensor g, const Node& self) {
+          const Tensor& y = so.unpack(self);
+          if (!GradMode::is_enabled()) return GradList{detail::grad_map(std::move(g), y, "tanh_backward", tanh_grad)};
+          return GradList{tanh_backward(g, y)};
+        },
+        [](auto, auto y) { return std::array{tanh_grad(decltype(y)(1), y)}; });
   }
   return out;
 }
@@ -165,12 +173,15 @@ Tensor erf(const Tensor& x) {
 Tensor sigmoid(const Tensor& x) {
   Tensor out = vector_unary(x, "sigmoid", kernels::vsigmoid, [](auto v) { return stable_sigmoid(v); });
   if (detail::any_requires_grad({x})) {
-    record("sigmoid", {x}, out, [so = SavedTensor(out, true)](Tensor g, const Node& self) {
-      const Tensor& y = so.unpack(self);
-      if (!GradMode::is_enabled()) return GradList{detail::grad_map(std::move(g), y, "sigmoid_backward", sigmoid_grad)};
-      return GradList{sigmoid_backward(g, y)};
-    });
-    detail::record_partials(out, [](auto, auto y) { return std::array{sigmoid_grad(decltype(y)(1), y)}; }, x);
+    record(
+        "sigmoid", {x}, out,
+        [so = SavedTensor(out, true)](Tensor g, const Node& self) {
+          const Tensor& y = so.unpack(self);
+          if (!GradMode::is_enabled())
+            return GradList{detail::grad_map(std::move(g), y, "sigmoid_backward", sigmoid_grad)};
+          return GradList{sigmoid_backward(g, y)};
+        },
+        [](auto, auto y) { return std::array{sigmoid_grad(decltype(y)(1), y)}; });
   }
   return out;
 }
@@ -205,16 +216,18 @@ Tensor tanh_backward(const Tensor& grad_output, const Tensor& y) {
 Tensor relu(const Tensor& x) {
   Tensor out = unary_map(x, "relu", [](auto v) { return v > 0 ? v : decltype(v)(0); });
   if (detail::any_requires_grad({x})) {
-    record("relu", {x}, out, [so = SavedTensor(out, true)](Tensor g, const Node& self) {
-      // The output is positive exactly where the input is, so the mask can come from either.
-      const Tensor y = so.unpack(self).detach();
-      // No graph to record (no create_graph): one pass, no mask tensor. It is the hot backward of
-      // every ReLU network; the composed rule below is the same function, and stays differentiable.
-      if (!GradMode::is_enabled()) return GradList{detail::grad_map(std::move(g), y, "relu_backward", relu_grad)};
-      const Tensor mask = constant_factor(y, [](auto v) { return decltype(v)(v > 0); });
-      return GradList{mul(g, mask)};
-    });
-    detail::record_partials(out, [](auto, auto y) { return std::array{relu_grad(decltype(y)(1), y)}; }, x);
+    record(
+        "relu", {x}, out,
+        [so = SavedTensor(out, true)](Tensor g, const Node& self) {
+          // The output is positive exactly where the input is, so the mask can come from either.
+          const Tensor y = so.unpack(self).detach();
+          // No graph to record (no create_graph): one pass, no mask tensor. It is the hot backward of
+          // every ReLU network; the composed rule below is the same function, and stays differentiable.
+          if (!GradMode::is_enabled()) return GradList{detail::grad_map(std::move(g), y, "relu_backward", relu_grad)};
+          const Tensor mask = constant_factor(y, [](auto v) { return decltype(v)(v > 0); });
+          return GradList{mul(g, mask)};
+        },
+        [](auto, auto y) { return std::array{relu_grad(decltype(y)(1), y)}; });
   }
   return out;
 }
