@@ -435,6 +435,5 @@ void record(const char* name, std::initializer_list<TensorRef> inputs, Tensor& o
   record_node(std::move(node), std::span<const TensorRef>(inputs.begin(), inputs.size()), output, one_element);
 }
 
-
 }  // namespace detail
 }  // namespace chaingrad

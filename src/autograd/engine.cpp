@@ -195,14 +195,14 @@ class Engine {
   // Note [one-element graphs]
   // A graph of one-element values (a scalar formula, the seed network) is mostly bookkeeping when
   // its gradients are tensors: each edge makes, checks and frees a 0-d tensor, and each node runs
-  // a rule written for any shape. When every node knows its local derivatives as numbers (ops
-  // that record_partials at one element) or adds into a one-element `.grad`, and nothing watches
-  // the gradients as tensors (no hooks, observer, anomaly mode, create_graph or grad()'s capture),
-  // the backward moves numbers instead: the gradient for input i is g * d y / d x_i, computed and
-  // summed at fan-out in the node's dtype, in the same order as the tensor path. The saved tensors
-  // are not read, so an input modified in place after the forward is not an error here: the
-  // gradient is that of the values the forward saw. Any other node sends the whole graph down the
-  // tensor path, which gives the same gradients to within rounding.
+  // a rule written for any shape. When every node knows its local derivatives as numbers (ops that
+  // pass them to record(), evaluated at one element) or adds into a one-element `.grad`, and
+  // nothing watches the gradients as tensors (no hooks, observer, anomaly mode, create_graph or
+  // grad()'s capture), the backward moves numbers instead: the gradient for input i is
+  // g * d y / d x_i, computed and summed at fan-out in the node's dtype, in the same order as the
+  // tensor path. The saved tensors are not read, so an input modified in place after the forward
+  // is not an error here: the gradient is that of the values the forward saw. Any other node sends
+  // the whole graph down the tensor path, which gives the same gradients to within rounding.
   static bool runs_by_value(const Node& n) {
     switch (n.value_rule_) {
       case Node::ValueRule::partials:
