@@ -107,6 +107,20 @@ TEST(Views, CatStackSplit) {
   EXPECT_THROW(cg::split(cg::scalar(1.0), 2), cg::ShapeError);  // (not an empty list: 0-d has no dim 0)
 }
 
+// A 0-d tensor has no dimension to take apart: each op that indexes one says so (found by the op
+// registry's 0-d pass, where these read past the end of the shape).
+TEST(Views, OpsThatIndexADimensionRefuse0d) {
+  const Tensor s = cg::scalar(2.0);
+  const Tensor index = cg::tensor({0.0}).to(cg::DType::Int64);
+  EXPECT_THROW(cg::select(s, 0, 0), cg::ShapeError);
+  EXPECT_THROW(cg::index_select(s, 0, index), cg::ShapeError);
+  EXPECT_THROW(cg::index_add(s, 0, index, cg::scalar(1.0)), cg::ShapeError);
+  EXPECT_THROW(cg::slice_backward(s, {5, 3}, 0, 1, 2), cg::ShapeError);
+  // slice_backward takes a negative dim like slice does
+  const Tensor g = cg::slice_backward(cg::ones({2, 3}), {2, 6}, -1, 1, 2);
+  EXPECT_EQ(g.to_vector<double>(), (std::vector<double>{0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1}));
+}
+
 TEST(Tensor, PrintsLikeNumpy) {
   const std::string s = cg::tensor({{1, 2}, {3, 4}}).to_string();
   EXPECT_NE(s.find("tensor([[1.0000, 2.0000],"), std::string::npos) << s;

@@ -122,6 +122,7 @@ Tensor scatter_add(const Tensor& x, std::int64_t dim_in, const Tensor& index_in,
 }
 
 Tensor index_select(const Tensor& x_in, std::int64_t dim_in, const Tensor& index_in) {
+  CG_CHECK(x_in.dim() > 0, ShapeError, "index_select: cannot index a 0-d tensor");
   const int dim = wrap_dim(dim_in, x_in.dim(), "index_select");
   const Tensor index = contiguous_index(index_in, "index_select");
   CG_CHECK(index.dim() <= 1, ShapeError, "index_select: index must be 0-D or 1-D; got shape ", index.shape());
@@ -149,6 +150,7 @@ Tensor index_select(const Tensor& x_in, std::int64_t dim_in, const Tensor& index
 
 // d/dx = 1, d/dsrc = index_select(g)
 Tensor index_add(const Tensor& x, std::int64_t dim_in, const Tensor& index_in, const Tensor& src_in) {
+  CG_CHECK(x.dim() > 0, ShapeError, "index_add: cannot index a 0-d tensor");
   const int dim = wrap_dim(dim_in, x.dim(), "index_add");
   const Tensor index = contiguous_index(index_in, "index_add");
   const std::int64_t k = index.numel(), n = x.shape()[dim];

@@ -94,8 +94,12 @@ Tensor slice(const Tensor& x, std::int64_t dim_in, std::int64_t start, std::int6
 }
 
 // The adjoint of slice: zeros of the input's shape with `grad` written into the sliced positions.
-Tensor slice_backward(const Tensor& grad, const Dims& input_shape, std::int64_t dim, std::int64_t start,
+Tensor slice_backward(const Tensor& grad, const Dims& input_shape, std::int64_t dim_in, std::int64_t start,
                       std::int64_t step) {
+  CG_CHECK(grad.defined() && grad.dim() > 0 && grad.dim() == input_shape.size(), ShapeError,
+           "slice_backward: a gradient of shape ", grad.defined() ? to_string(grad.shape()) : "undefined",
+           " cannot be a slice of an input of shape ", input_shape, " (a slice keeps the input's rank, 1 or more)");
+  const int dim = wrap_dim(dim_in, grad.dim(), "slice_backward");
   Tensor out = zeros(input_shape, {.dtype = grad.dtype()});
   {
     NoGradGuard ng;
@@ -109,6 +113,7 @@ Tensor slice_backward(const Tensor& grad, const Dims& input_shape, std::int64_t 
 }
 
 Tensor select(const Tensor& x, std::int64_t dim_in, std::int64_t index) {
+  CG_CHECK(x.dim() > 0, ShapeError, "select: cannot select from a 0-d tensor");
   const int dim = wrap_dim(dim_in, x.dim(), "select");
   const std::int64_t n = x.shape()[dim];
   CG_CHECK(index >= -n && index < n, ShapeError, "select: index ", index, " is out of range for dimension ", dim,
