@@ -184,6 +184,13 @@ class Node {
   std::uint32_t block_bytes_ = 0;  // the size make_node allocated
 };
 
+// (Inline, and a loop rather than std::copy, which calls memcpy for one or two doubles.)
+inline void detail::set_partials(Node& node, std::span<const double> partials) {
+  CG_ASSERT(partials.size() <= 2);
+  for (std::size_t i = 0; i < partials.size(); ++i) node.partials_[i] = partials[i];
+  node.value_rule_ = Node::ValueRule::partials;
+}
+
 inline void intrusive_retain(Node* n) noexcept { n->refs_.fetch_add(1, std::memory_order_relaxed); }
 // A sole owner frees without an atomic read-modify-write (as for tensors, tensor.hpp).
 inline void intrusive_release(Node* n) noexcept {

@@ -231,12 +231,6 @@ bool any_requires_grad(std::span<const Tensor> inputs) {
   return false;
 }
 
-void set_partials(Node& node, std::span<const double> partials) {
-  CG_ASSERT(partials.size() <= 2);
-  std::copy(partials.begin(), partials.end(), node.partials_);
-  node.value_rule_ = Node::ValueRule::partials;
-}
-
 void record_node(NodePtr node, std::span<const Tensor> inputs, Tensor& output) {
   std::vector<TensorRef> refs;
   refs.reserve(inputs.size());
