@@ -350,12 +350,13 @@ std::string Tensor::to_string() const {
 std::ostream& operator<<(std::ostream& os, const Tensor& t) { return os << t.to_string(); }
 
 // ---------------------------------------------------------------- creation
-Tensor empty(const Dims& shape, DType dtype) {
-  if (shape.empty()) {  // 0-d (every tensor of the scalar workload): no extents to check or copy
-    ImplPtr impl = TensorImpl::make_with_storage(element_size(dtype));
-    impl->dtype = dtype;
-    return Tensor(std::move(impl));
-  }
+Tensor detail::empty_0d(DType dtype) {  // no extents to check or copy
+  ImplPtr impl = TensorImpl::make_with_storage(element_size(dtype));
+  impl->dtype = dtype;
+  return Tensor(std::move(impl));
+}
+
+Tensor detail::empty_shaped(const Dims& shape, DType dtype) {
   for (int i = 0; i < shape.size(); ++i)
     CG_CHECK(shape[i] >= 0, ShapeError, "empty: negative dimension ", shape[i], " in shape ", shape);
   const std::size_t nbytes = static_cast<std::size_t>(shape.numel()) * element_size(dtype);

@@ -208,8 +208,15 @@ struct TensorOptions {
   bool requires_grad = false;
 };
 
-// A tensor over fresh (uninitialized) storage.
-Tensor empty(const Dims& shape, DType dtype = DType::Float32);
+namespace detail {
+Tensor empty_0d(DType dtype);
+Tensor empty_shaped(const Dims& shape, DType dtype);
+}  // namespace detail
+// A tensor over fresh (uninitialized) storage. (Inline, so that the 0-d case, each value of a
+// scalar formula, pays no call into the general one.)
+inline Tensor empty(const Dims& shape, DType dtype = DType::Float32) {
+  return shape.empty() ? detail::empty_0d(dtype) : detail::empty_shaped(shape, dtype);
+}
 Tensor zeros(const Dims& shape, TensorOptions opt = {});
 Tensor ones(const Dims& shape, TensorOptions opt = {});
 Tensor full(const Dims& shape, double value, TensorOptions opt = {});

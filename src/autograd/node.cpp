@@ -238,6 +238,19 @@ void record_node(NodePtr node, std::span<const Tensor> inputs, Tensor& output) {
   record_node(std::move(node), std::span<const TensorRef>(refs), output);
 }
 
+namespace {
+// (Out of line and cold: the stream it builds would otherwise cost every recorded op a larger frame.)
+[[noreturn, gnu::cold, gnu::noinline]] void throw_non_finite_output(const Node& n, std::span<const TensorRef> inputs,
+                                                                     const Tensor& output) {
+  std::ostringstream shapes;
+  for (std::size_t i = 0; i < inputs.size(); ++i)
+    shapes << (i ? ", " : "") << (inputs[i].get().defined() ? to_string(inputs[i].get().shape()) : "none");
+  throw_error<ValueError>("anomaly detected: ", n.name(), " produced a non-finite value (NaN or Inf) in its ",
+                          "forward output of shape ", output.shape(), "; inputs' shapes: ", shapes.str(), "; op #",
+                          n.sequence_nr(), " of this process");
+}
+}  // namespace
+
 void record_node(NodePtr node, std::span<const TensorRef> inputs, Tensor& output, bool one_element) {
   node->next_edges_.reserve(inputs.size());
   for (const TensorRef& ref : inputs) node->next_edges_.push_back(gradient_edge(ref.get()));
@@ -253,15 +266,8 @@ void record_node(NodePtr node, std::span<const TensorRef> inputs, Tensor& output
   Node& recorded = *node;
   output.impl()->grad_fn = std::move(node);
   output.impl()->requires_grad = true;
-  if (AnomalyMode::is_enabled() && is_floating(output.dtype()) && !isfinite_all(output)) {
-    const Node* n = &recorded;
-    std::ostringstream shapes;
-    for (std::size_t i = 0; i < inputs.size(); ++i)
-      shapes << (i ? ", " : "") << (inputs[i].get().defined() ? to_string(inputs[i].get().shape()) : "none");
-    throw_error<ValueError>("anomaly detected: ", n->name(), " produced a non-finite value (NaN or Inf) in its ",
-                            "forward output of shape ", output.shape(), "; inputs' shapes: ", shapes.str(),
-                            "; op #", n->sequence_nr(), " of this process");
-  }
+  if (AnomalyMode::is_enabled() && is_floating(output.dtype()) && !isfinite_all(output))
+    throw_non_finite_output(recorded, inputs, output);
 }
 
 }  // namespace detail
