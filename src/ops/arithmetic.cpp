@@ -22,12 +22,8 @@ Tensor add(const Tensor& a, const Tensor& b) {
   if (detail::any_requires_grad({a, b})) {
     record(
         "add", {a, b}, out,
-        [](Tensor g, const Node&) {
-          return GradList{g, std::move(g)};
-        },
-        [](auto x, auto, auto) {
-          return std::array{decltype(x)(1), decltype(x)(1)};
-        });
+        [](Tensor g, const Node&) { return GradList{g, std::move(g)}; },
+        [](auto x, auto, auto) { return std::array{decltype(x)(1), decltype(x)(1)}; });
   }
   return out;
 }
@@ -42,9 +38,7 @@ Tensor sub(const Tensor& a, const Tensor& b) {
           Tensor gb = self.needs_grad(1) ? neg(g) : Tensor();
           return GradList{std::move(g), std::move(gb)};
         },
-        [](auto x, auto, auto) {
-          return std::array{decltype(x)(1), decltype(x)(-1)};
-        });
+        [](auto x, auto, auto) { return std::array{decltype(x)(1), decltype(x)(-1)}; });
   }
   return out;
 }
@@ -67,9 +61,7 @@ Tensor mul(const Tensor& a, const Tensor& b) {
           }
           return GradList{na ? mul(g, sb.unpack(self)) : Tensor(), nb ? mul(g, sa.unpack(self)) : Tensor()};
         },
-        [](auto x, auto y, auto) {
-          return std::array{y, x};
-        });
+        [](auto x, auto y, auto) { return std::array{y, x}; });
   }
   return out;
 }
@@ -85,9 +77,7 @@ Tensor div(const Tensor& a, const Tensor& b) {
           return GradList{self.needs_grad(0) ? div(g, bv) : Tensor(),
                           self.needs_grad(1) ? neg(div(mul(g, sa.unpack(self)), square(bv))) : Tensor()};
         },
-        [](auto x, auto y, auto) {
-          return std::array{1 / y, -x / (y * y)};
-        });
+        [](auto x, auto y, auto) { return std::array{1 / y, -x / (y * y)}; });
   }
   return out;
 }
