@@ -32,9 +32,11 @@ double dot(const Tensor& a, const Tensor& b) {
   return sum(mul(a, b)).item();
 }
 
-// Compares analytic gradients (zeros where undefined) with central differences of `scalar`.
-std::string compare(const std::function<double()>& scalar, const std::vector<Tensor>& wrt,
-                    const std::vector<Tensor>& analytic, const GradcheckOptions& opt, const char* what) {
+}  // namespace
+
+std::string compare_with_finite_differences(const std::function<double()>& scalar, const std::vector<Tensor>& wrt,
+                                            const std::vector<Tensor>& analytic, const GradcheckOptions& opt,
+                                            const char* what) {
   for (std::size_t i = 0; i < wrt.size(); ++i) {
     const Tensor& x = wrt[i];
     for (std::int64_t k = 0; k < x.numel(); ++k) {
@@ -58,8 +60,6 @@ std::string compare(const std::function<double()>& scalar, const std::vector<Ten
   return "";
 }
 
-}  // namespace
-
 std::string gradcheck(const OpFn& f, const std::vector<Tensor>& inputs, GradcheckOptions opt) {
   const std::vector<Tensor> wrt = differentiable(inputs);
   Generator gen(opt.seed);
@@ -78,7 +78,7 @@ std::string gradcheck(const OpFn& f, const std::vector<Tensor>& inputs, Gradchec
     NoGradGuard ng;
     return dot(f(inputs), r);
   };
-  return compare(scalar, wrt, analytic, opt, "gradient");
+  return compare_with_finite_differences(scalar, wrt, analytic, opt, "gradient");
 }
 
 std::string gradgradcheck(const OpFn& f, const std::vector<Tensor>& inputs, GradcheckOptions opt) {
@@ -104,7 +104,7 @@ std::string gradgradcheck(const OpFn& f, const std::vector<Tensor>& inputs, Grad
   std::vector<Tensor> analytic(wrt.size());
   if (g.requires_grad()) analytic = autograd::grad({g}, wrt, {}, false, false, true);
   auto scalar = [&] { return G(false).item(); };
-  return compare(scalar, wrt, analytic, opt, "second-order gradient");
+  return compare_with_finite_differences(scalar, wrt, analytic, opt, "second-order gradient");
 }
 
 }  // namespace chaingrad::testing

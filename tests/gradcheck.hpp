@@ -26,6 +26,12 @@ std::string gradcheck(const OpFn& f, const std::vector<Tensor>& inputs, Gradchec
 // create_graph) against central differences of that same quantity.
 std::string gradgradcheck(const OpFn& f, const std::vector<Tensor>& inputs, GradcheckOptions opt = {});
 
+// Compares analytic gradients (zeros where undefined) with central differences of `scalar`, for
+// every element of every tensor in `wrt`. Returns "" or the first mismatch, named with `what`.
+std::string compare_with_finite_differences(const std::function<double()>& scalar, const std::vector<Tensor>& wrt,
+                                            const std::vector<Tensor>& analytic, const GradcheckOptions& opt,
+                                            const char* what);
+
 // Reference to element k (row-major logical order) of a float64 tensor of any strides.
 double& element(const Tensor& t, std::int64_t k);
 

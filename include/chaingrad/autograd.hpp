@@ -419,20 +419,19 @@ void record(const char* name, std::initializer_list<TensorRef> inputs, Tensor& o
   const bool one_element = one_element_op(inputs, output);
   if (one_element) {
     auto evaluate = [&]<class T>() {
-      const T* x[2] = {inputs.begin()[0].get().template data<T>(),
-                       inputs.begin()[inputs.size() > 1 ? 1 : 0].get().template data<T>()};
+      constexpr std::size_t arity = std::is_invocable_v<P&, T, T, T> ? 2 : 1;
+      CG_ASSERT(inputs.size() == arity);  // (one partial derivative per input)
+      auto x = [&](std::size_t i) { return *inputs.begin()[i].get().template data<T>(); };
       const T y = *output.template data<T>();
-      if constexpr (std::is_invocable_v<P&, T, T, T>) {
-        CG_ASSERT(inputs.size() == 2);  // (one partial derivative per input)
-        const std::array<T, 2> d = partials(*x[0], *x[1], y);
-        const double as_double[2] = {static_cast<double>(d[0]), static_cast<double>(d[1])};
+      auto store = [&](const std::array<T, arity>& d) {
+        double as_double[arity];
+        for (std::size_t i = 0; i < d.size(); ++i) as_double[i] = static_cast<double>(d[i]);
         set_partials(*node, as_double);
-      } else {
-        CG_ASSERT(inputs.size() == 1);
-        const std::array<T, 1> d = partials(*x[0], y);
-        const double as_double[1] = {static_cast<double>(d[0])};
-        set_partials(*node, as_double);
-      }
+      };
+      if constexpr (arity == 2)
+        store(partials(x(0), x(1), y));
+      else
+        store(partials(x(0), y));
     };
     if (output.dtype() == DType::Float32)
       evaluate.template operator()<float>();
