@@ -15,6 +15,19 @@ static void BM_Add(benchmark::State& state) {
 }
 BENCHMARK(BM_Add)->Arg(1 << 10)->Arg(1 << 16)->Arg(1 << 20);
 
+// p += alpha g in place, as a hand-written SGD update or a gradient summed into a buffer does.
+static void BM_AddInplace(benchmark::State& state) {
+  const auto n = state.range(0);
+  cg::Tensor p = cg::randn({n}), g = cg::randn({n});
+  for (auto _ : state) {
+    p.add_(g, -1e-3);
+    benchmark::ClobberMemory();
+  }
+  state.counters["GB/s"] = benchmark::Counter(static_cast<double>(3 * n * 4) * state.iterations(),
+                                              benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+}
+BENCHMARK(BM_AddInplace)->Arg(1 << 16)->Arg(200704)->Arg(1 << 20);
+
 static void BM_BiasAddBroadcast(benchmark::State& state) {
   cg::Tensor a = cg::randn({state.range(0), 256}), b = cg::randn({256});
   for (auto _ : state) benchmark::DoNotOptimize(cg::add(a, b));

@@ -8,6 +8,7 @@
 #include "chaingrad/autograd.hpp"
 #include "chaingrad/ops.hpp"
 #include "kernels/cpu/loops.hpp"
+#include "kernels/cpu/parallel.hpp"
 
 namespace chaingrad {
 
@@ -175,7 +176,7 @@ Tensor& Tensor::fill_(double value) {
     Tensor self = *this;
     if (is_contiguous()) {
       T* p = data<T>();
-      std::fill(p, p + numel(), v);
+      kernels::parallel_range(numel(), [&](std::int64_t lo, std::int64_t hi) { std::fill(p + lo, p + hi, v); });
     } else {
       T* p = static_cast<T*>(storage()->data()) + offset();
       kernels::for_each_run<1>(shape(), {&strides()}, [&](auto off, std::int64_t n, auto st) {
@@ -201,7 +202,17 @@ void update_inplace(Tensor& dst, const Tensor& src_in, const char* op, F f) {
     const T* s = static_cast<const T*>(src.storage()->data()) + src.offset();
     if (dst.is_contiguous() && src.is_contiguous()) {
       const std::int64_t n = dst.numel();
-      for (std::int64_t i = 0; i < n; ++i) p[i] = f(p[i], s[i]);
+      // Split across the pool like the out-of-place maps (an optimizer's update written by hand, a
+      // gradient summed into a buffer), unless the source overlaps the destination at an offset:
+      // then which value an element reads would depend on the cut.
+      const bool shifted_overlap = s != p && s < p + n && p < s + n;
+      if (shifted_overlap) {
+        for (std::int64_t i = 0; i < n; ++i) p[i] = f(p[i], s[i]);
+        return;
+      }
+      kernels::parallel_range(n, [&](std::int64_t lo, std::int64_t hi) {
+        for (std::int64_t i = lo; i < hi; ++i) p[i] = f(p[i], s[i]);
+      });
       return;
     }
     kernels::for_each_run<2>(dst.shape(), {&dst.strides(), &src.strides()}, [&](auto off, std::int64_t n, auto st) {
@@ -238,7 +249,9 @@ Tensor& Tensor::mul_(double factor) {
     dispatch(dtype(), [&]<class T>() {
       T* p = data<T>();
       const T f = static_cast<T>(factor);
-      for (std::int64_t i = 0, n = numel(); i < n; ++i) p[i] *= f;
+      kernels::parallel_range(numel(), [&](std::int64_t lo, std::int64_t hi) {
+        for (std::int64_t i = lo; i < hi; ++i) p[i] *= f;
+      });
     });
     bump_version();
     return *this;

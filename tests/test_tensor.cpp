@@ -159,6 +159,35 @@ TEST(Tensor, InPlaceOpsAndConversion) {
   EXPECT_THROW(cg::ones({2}, {.dtype = cg::DType::Int64}).requires_grad_(), cg::TypeError);
 }
 
+// Large in-place updates are split across the pool; every element must come out as on one thread,
+// and a source that overlaps the destination at an offset keeps the serial left-to-right result.
+TEST(Tensor, InPlaceOpsOnLargeTensorsMatchOneThread) {
+  const int saved = cg::get_num_threads();
+  const std::int64_t n = (std::int64_t{1} << 17) + 5;  // above the split threshold, not a multiple of 16
+  for (const int threads : {1, 2}) {
+    cg::set_num_threads(threads);
+    const cg::TensorOptions f64{.dtype = cg::DType::Float64};
+    Tensor p = cg::arange(0, static_cast<double>(n), 1.0, f64), g = cg::arange(0, 2.0 * n, 2.0, f64);
+    p.add_(g, 0.5);  // 2i
+    p.mul_(0.25);    // i / 2
+    Tensor q = cg::zeros({n}, f64).fill_(3.0);
+    const auto pv = p.to_vector<double>(), qv = q.to_vector<double>();
+    for (std::int64_t i = 0; i < n; ++i) {
+      ASSERT_EQ(pv[i], 0.5 * static_cast<double>(i)) << "threads " << threads << ", element " << i;
+      ASSERT_EQ(qv[i], 3.0) << "threads " << threads << ", element " << i;
+    }
+    // t[1:] += t[:-1], read as it is written: prefix sums, t[i] = i (i + 1) / 2.
+    Tensor t = cg::arange(0, static_cast<double>(n), 1.0, f64);
+    Tensor tail = t.slice(0, 1, n);
+    tail.add_(t.slice(0, 0, n - 1));
+    const auto tv = t.to_vector<double>();
+    for (std::int64_t i = 0; i < n; ++i)
+      ASSERT_EQ(tv[i], static_cast<double>(i) * static_cast<double>(i + 1) / 2)
+          << "threads " << threads << ", element " << i;
+  }
+  cg::set_num_threads(saved);
+}
+
 TEST(Reductions, ValuesAndArgmax) {
   Tensor a = cg::tensor({{1, 5, 3}, {7, 2, 9}});
   EXPECT_DOUBLE_EQ(cg::sum(a).item(), 27.0);
