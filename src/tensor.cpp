@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <iomanip>
 #include <sstream>
 
@@ -205,7 +206,8 @@ void update_inplace(Tensor& dst, const Tensor& src_in, const char* op, F f) {
       // Split across the pool like the out-of-place maps (an optimizer's update written by hand, a
       // gradient summed into a buffer), unless the source overlaps the destination at an offset:
       // then which value an element reads would depend on the cut.
-      const bool shifted_overlap = s != p && s < p + n && p < s + n;
+      const std::less<const T*> before;  // (a total order, also across allocations)
+      const bool shifted_overlap = s != p && before(s, p + n) && before(p, s + n);
       if (shifted_overlap) {
         for (std::int64_t i = 0; i < n; ++i) p[i] = f(p[i], s[i]);
         return;
