@@ -308,6 +308,41 @@ TEST(ThreadPool, LargeElementwiseOpsMatchOneThread) {
   EXPECT_EQ(cg::relu(cg::mul(a, b) + a).to_vector<float>(), one);
 }
 
+// Broadcast and strided operands take the run-by-run walk, which is cut between runs across the
+// threads: every element must come out as on one thread and as computed element by element.
+TEST(ThreadPool, LargeBroadcastAndStridedOpsMatchOneThreadAndTheElementwiseWalk) {
+  ThreadCount restore;
+  const cg::Tensor a = cg::randn({300, 257}), row = cg::randn({257}), col = cg::randn({300, 1});
+  const cg::Tensor x = cg::randn({7, 100, 97});  // 67,900 elements, permuted below: every run strided
+  const cg::Tensor cond = cg::gt(a, cg::scalar(0.0, {}));
+  auto ops = [&] {
+    return std::vector<cg::Tensor>{cg::add(a, row), cg::mul(col, a), cg::exp(a.t()), x.permute({2, 0, 1}) - 1.0,
+                                   cg::where(cond, a, row)};
+  };
+  kc::set_num_threads(1);
+  const std::vector<cg::Tensor> one = ops();
+  kc::set_num_threads(3);
+  const std::vector<cg::Tensor> three = ops();
+  for (std::size_t i = 0; i < one.size(); ++i)
+    EXPECT_EQ(three[i].contiguous().to_vector<float>(), one[i].contiguous().to_vector<float>()) << "op " << i;
+  const auto sum = three[0].to_vector<float>(), prod = three[1].to_vector<float>(), pick = three[4].to_vector<float>();
+  const auto av = a.to_vector<float>(), rv = row.to_vector<float>(), cv = col.to_vector<float>();
+  for (std::size_t r = 0; r < 300; ++r) {
+    for (std::size_t c = 0; c < 257; ++c) {
+      const std::size_t k = r * 257 + c;
+      ASSERT_EQ(sum[k], av[k] + rv[c]) << r << "," << c;
+      ASSERT_EQ(prod[k], cv[r] * av[k]) << r << "," << c;
+      ASSERT_EQ(pick[k], av[k] > 0 ? av[k] : rv[c]) << r << "," << c;
+    }
+  }
+  EXPECT_EQ(cg::add(cg::zeros({0, 257}), row).shape(), (cg::Dims{0, 257}));  // no runs at all
+  const auto shifted = three[3].contiguous().to_vector<float>(), xv = x.to_vector<float>();
+  for (std::size_t k = 0; k < 97; ++k)
+    for (std::size_t i = 0; i < 7; ++i)
+      for (std::size_t j = 0; j < 100; ++j)
+        ASSERT_EQ(shifted[(k * 7 + i) * 100 + j], xv[(i * 100 + j) * 97 + k] - 1.0f) << k << "," << i << "," << j;
+}
+
 TEST(ThreadPool, RejectsNonsenseThreadCounts) {
   EXPECT_THROW(kc::set_num_threads(0), cg::ValueError);
   EXPECT_THROW(cg::set_num_threads(-3), cg::ValueError);
