@@ -36,6 +36,15 @@ static void BM_BiasAddBroadcast(benchmark::State& state) {
 }
 BENCHMARK(BM_BiasAddBroadcast)->Arg(64)->Arg(1024);
 
+// A strided operand (a transposed view): the run-by-run walk rather than the flat loop.
+static void BM_ReluTransposed(benchmark::State& state) {
+  cg::Tensor a = cg::randn({state.range(0), 256});
+  for (auto _ : state) benchmark::DoNotOptimize(cg::relu(a.t()));
+  state.counters["GB/s"] = benchmark::Counter(static_cast<double>(2 * a.numel() * 4) * state.iterations(),
+                                              benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+}
+BENCHMARK(BM_ReluTransposed)->Arg(64)->Arg(1024);
+
 static void BM_Relu(benchmark::State& state) {
   cg::Tensor a = cg::randn({state.range(0)});
   for (auto _ : state) benchmark::DoNotOptimize(cg::relu(a));
