@@ -343,6 +343,39 @@ TEST(ThreadPool, LargeBroadcastAndStridedOpsMatchOneThreadAndTheElementwiseWalk)
         ASSERT_EQ(shifted[(k * 7 + i) * 100 + j], xv[(i * 100 + j) * 97 + k] - 1.0f) << k << "," << i << "," << j;
 }
 
+// Large sums over one axis are cut by outputs across the threads (by rows, or by columns for a
+// bias gradient's one row): each output keeps its order of summation, so every thread count gives
+// the same bits, and the sums match double precision.
+TEST(ThreadPool, LargeAxisSumsMatchOneThreadAndDoublePrecision) {
+  ThreadCount restore;
+  const cg::Tensor a = cg::randn({1000, 257}), b = cg::randn({5, 4000, 20});
+  auto sums = [&] { return std::vector<cg::Tensor>{cg::sum(a, {0}), cg::sum(a, {1}), cg::sum(b, {1})}; };
+  kc::set_num_threads(1);
+  const std::vector<cg::Tensor> one = sums();
+  kc::set_num_threads(3);
+  const std::vector<cg::Tensor> three = sums();
+  for (std::size_t i = 0; i < one.size(); ++i)
+    EXPECT_EQ(three[i].to_vector<float>(), one[i].to_vector<float>()) << "sum " << i;
+  const auto av = a.to_vector<float>(), bv = b.to_vector<float>();
+  const auto cols = three[0].to_vector<float>(), rows = three[1].to_vector<float>(), mid = three[2].to_vector<float>();
+  for (std::size_t c = 0; c < 257; ++c) {
+    double want = 0;
+    for (std::size_t r = 0; r < 1000; ++r) want += av[r * 257 + c];
+    ASSERT_NEAR(cols[c], want, 1e-4 * 1000) << "column " << c;
+  }
+  for (std::size_t r = 0; r < 1000; ++r) {
+    double want = 0;
+    for (std::size_t c = 0; c < 257; ++c) want += av[r * 257 + c];
+    ASSERT_NEAR(rows[r], want, 1e-5 * 257) << "row " << r;
+  }
+  for (std::size_t o = 0; o < 5; ++o)
+    for (std::size_t i = 0; i < 20; ++i) {
+      double want = 0;
+      for (std::size_t r = 0; r < 4000; ++r) want += bv[(o * 4000 + r) * 20 + i];
+      ASSERT_NEAR(mid[o * 20 + i], want, 1e-4 * 4000) << o << "," << i;
+    }
+}
+
 TEST(ThreadPool, RejectsNonsenseThreadCounts) {
   EXPECT_THROW(kc::set_num_threads(0), cg::ValueError);
   EXPECT_THROW(cg::set_num_threads(-3), cg::ValueError);

@@ -8,6 +8,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernels/cpu/parallel.hpp"
 #include "kernels/cpu/vector_math.hpp"
 
 namespace chaingrad::kernels {
@@ -35,27 +36,48 @@ double row_sum(const T* p, std::int64_t n, F f = {}) {
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
+// Sums over R of contiguous data viewed as [outer, R, inner], for the outputs [o0, o1) x [i0, i1).
 template <class T>
-void sum_axis(const T* x, T* out, std::int64_t outer, std::int64_t R, std::int64_t inner) {
+void sum_axis_block(const T* x, T* out, std::int64_t o0, std::int64_t o1, std::int64_t R, std::int64_t inner,
+                    std::int64_t i0, std::int64_t i1) {
   if (inner == 1) {
     // double accumulation, so a float32 sum of 60,000 terms keeps its digits, in eight lanes
-    for (std::int64_t o = 0; o < outer; ++o) out[o] = static_cast<T>(row_sum(x + o * R, R));
+    for (std::int64_t o = o0; o < o1; ++o) out[o] = static_cast<T>(row_sum(x + o * R, R));
     return;
   }
-  for (std::int64_t o = 0; o < outer; ++o) {
+  for (std::int64_t o = o0; o < o1; ++o) {
     T* __restrict dst = out + o * inner;
     const T* src = x + o * R * inner;
-    for (std::int64_t i = 0; i < inner; ++i) dst[i] = src[i];
+    for (std::int64_t i = i0; i < i1; ++i) dst[i] = src[i];
     std::int64_t r = 1;
     for (; r + 4 <= R; r += 4) {  // four rows per pass over dst: a quarter of its loads and stores
       const T *a = src + r * inner, *b = a + inner, *c = b + inner, *d = c + inner;
-      for (std::int64_t i = 0; i < inner; ++i) dst[i] += (a[i] + b[i]) + (c[i] + d[i]);
+      for (std::int64_t i = i0; i < i1; ++i) dst[i] += (a[i] + b[i]) + (c[i] + d[i]);
     }
     for (; r < R; ++r) {
       const T* row = src + r * inner;
-      for (std::int64_t i = 0; i < inner; ++i) dst[i] += row[i];
+      for (std::int64_t i = i0; i < i1; ++i) dst[i] += row[i];
     }
   }
+}
+
+// Above kParallelElements inputs the outputs are cut into one block per thread: by `outer` when
+// there are enough, else by columns of `inner` at multiples of 16 (a bias gradient: one outer, R
+// rows of the batch). Every output is summed in the same order whatever the cut.
+template <class T>
+void sum_axis(const T* x, T* out, std::int64_t outer, std::int64_t R, std::int64_t inner) {
+  const int threads = outer * R * inner < kParallelElements ? 1 : num_threads();
+  const bool by_outer = outer >= threads || inner < 32;
+  const std::int64_t units = by_outer ? outer : (inner + 15) / 16;
+  const int parts = static_cast<int>(std::min<std::int64_t>(threads, units));
+  if (parts <= 1) return sum_axis_block(x, out, 0, outer, R, inner, 0, inner);
+  parallel_for(parts, [&](int p) {
+    const std::int64_t lo = units * p / parts, hi = units * (p + 1) / parts;
+    if (by_outer)
+      sum_axis_block(x, out, lo, hi, R, inner, 0, inner);
+    else
+      sum_axis_block(x, out, 0, outer, R, inner, lo * 16, std::min(inner, hi * 16));
+  });
 }
 
 // Softmax over contiguous float32 rows (the class axis of a classifier). Rows go in blocks, so the
