@@ -374,6 +374,10 @@ TEST(ThreadPool, LargeAxisSumsMatchOneThreadAndDoublePrecision) {
       for (std::size_t r = 0; r < 4000; ++r) want += bv[(o * 4000 + r) * 20 + i];
       ASSERT_NEAR(mid[o * 20 + i], want, 1e-4 * 4000) << o << "," << i;
     }
+  // A sum over an empty dimension is zero, with or without columns after it.
+  EXPECT_EQ(cg::sum(cg::ones({0, 5}), {0}).to_vector<float>(), std::vector<float>(5, 0.0f));
+  EXPECT_EQ(cg::sum(cg::ones({3, 0, 5}), {1}).to_vector<float>(), std::vector<float>(15, 0.0f));
+  EXPECT_EQ(cg::sum(cg::ones({4, 0}), {1}).to_vector<float>(), std::vector<float>(4, 0.0f));
 }
 
 TEST(ThreadPool, RejectsNonsenseThreadCounts) {

@@ -1,6 +1,7 @@
 // Matrix products. mm and bmm are the primitives (one BLAS call per matrix); matmul and the
 // batched/1-D cases are compositions of views around them.
 #include "kernels/cpu/gemm.hpp"
+#include "kernels/cpu/parallel.hpp"
 #include "ops/common.hpp"
 
 namespace chaingrad {
@@ -145,7 +146,9 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
     if (bias.defined()) {
       const Tensor bc = bias.is_contiguous() ? bias : bias.detach().contiguous();
       const T* pb = bc.data<T>();
-      for (std::int64_t r = 0; r < rows; ++r) std::copy(pb, pb + out_f, o + r * out_f);
+      kernels::parallel_units(rows, rows * out_f, [&](std::int64_t lo, std::int64_t hi) {
+        for (std::int64_t r = lo; r < hi; ++r) std::copy(pb, pb + out_f, o + r * out_f);
+      });
       beta = T(1);
     }
     mm_into<T>(x2, weight.detach().t(), o, beta);

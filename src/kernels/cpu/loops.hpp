@@ -2,7 +2,6 @@
 // Elementwise loops over strided tensors. Operands are first expanded to the output's shape
 // (broadcast dims get stride 0), then walked with the innermost dimension as a tight loop; the
 // all-contiguous case is a single flat loop the compiler vectorizes.
-#include <algorithm>
 #include <array>
 #include <cstdint>
 
@@ -64,15 +63,8 @@ void for_each_run(const Dims& shape, const std::array<const Dims*, N>& strides, 
 // (the out-of-place maps): a cut between runs then cannot change any result.
 template <int N, class Body>
 void parallel_runs(const Dims& shape, const std::array<const Dims*, N>& strides, Body&& body) {
-  const std::int64_t runs = count_runs(shape);
-  const int parts =
-      shape.numel() < kParallelElements ? 1 : static_cast<int>(std::min<std::int64_t>(num_threads(), runs));
-  if (parts <= 1) {
-    for_each_run_in<N>(shape, strides, 0, runs, body);
-    return;
-  }
-  parallel_for(parts,
-               [&](int p) { for_each_run_in<N>(shape, strides, runs * p / parts, runs * (p + 1) / parts, body); });
+  parallel_units(count_runs(shape), shape.numel(),
+                 [&](std::int64_t lo, std::int64_t hi) { for_each_run_in<N>(shape, strides, lo, hi, body); });
 }
 
 // map_unary for a tensor of one or more dimensions, contiguous or strided.

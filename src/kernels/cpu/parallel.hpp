@@ -2,6 +2,7 @@
 // chaingrad's one thread pool. Kernels that split work across cores (the matrix products) go
 // through parallel_for; the BLAS libraries underneath run single-threaded, so there is exactly one
 // threading model and no pool of one library spinning against another's.
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 
@@ -25,19 +26,26 @@ void parallel_for(int tasks, const std::function<void(int)>& fn);
 // much as 64k elements of a memory-bound loop.
 inline constexpr std::int64_t kParallelElements = std::int64_t{1} << 16;
 
+// body(lo, hi) over [0, units), cut into one range of units per thread when the work touches at
+// least kParallelElements elements (and into one range, on the caller, below that).
+template <class Body>
+void parallel_units(std::int64_t units, std::int64_t elements, Body&& body) {
+  const int parts = elements < kParallelElements ? 1 : static_cast<int>(std::min<std::int64_t>(num_threads(), units));
+  if (parts <= 1) {
+    if (units > 0) body(std::int64_t{0}, units);
+    return;
+  }
+  parallel_for(parts, [&](int p) {
+    const std::int64_t lo = units * p / parts, hi = units * (p + 1) / parts;
+    if (lo < hi) body(lo, hi);
+  });
+}
+
 // body(lo, hi) over [0, n), cut into one range per thread when n >= kParallelElements. Cuts fall
 // on multiples of 16 elements, so no two threads write one cache line of a float32 output.
 template <class Body>
 void parallel_range(std::int64_t n, Body&& body) {
-  const int parts = n < kParallelElements ? 1 : num_threads();
-  if (parts <= 1) {
-    body(std::int64_t{0}, n);
-    return;
-  }
-  parallel_for(parts, [&](int p) {
-    const auto cut = [&](int q) { return q == parts ? n : (n * q / parts) / 16 * 16; };
-    if (cut(p) < cut(p + 1)) body(cut(p), cut(p + 1));
-  });
+  parallel_units((n + 15) / 16, n, [&](std::int64_t lo, std::int64_t hi) { body(lo * 16, std::min(n, hi * 16)); });
 }
 
 }  // namespace chaingrad::kernels

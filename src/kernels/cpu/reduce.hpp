@@ -48,6 +48,10 @@ void sum_axis_block(const T* x, T* out, std::int64_t o0, std::int64_t o1, std::i
   for (std::int64_t o = o0; o < o1; ++o) {
     T* __restrict dst = out + o * inner;
     const T* src = x + o * R * inner;
+    if (R == 0) {  // an empty sum (there is no first row to start from)
+      std::fill(dst + i0, dst + i1, T(0));
+      continue;
+    }
     for (std::int64_t i = i0; i < i1; ++i) dst[i] = src[i];
     std::int64_t r = 1;
     for (; r + 4 <= R; r += 4) {  // four rows per pass over dst: a quarter of its loads and stores
@@ -61,23 +65,20 @@ void sum_axis_block(const T* x, T* out, std::int64_t o0, std::int64_t o1, std::i
   }
 }
 
-// Above kParallelElements inputs the outputs are cut into one block per thread: by `outer` when
-// there are enough, else by columns of `inner` at multiples of 16 (a bias gradient: one outer, R
-// rows of the batch). Every output is summed in the same order whatever the cut.
+// Above kParallelElements inputs the outputs are cut into one block per thread: by `outer`, or by
+// columns of `inner` at multiples of 16 when there is one outer (a bias gradient: the batch's rows
+// summed). Every output is summed in the same order whatever the cut.
 template <class T>
 void sum_axis(const T* x, T* out, std::int64_t outer, std::int64_t R, std::int64_t inner) {
-  const int threads = outer * R * inner < kParallelElements ? 1 : num_threads();
-  const bool by_outer = outer >= threads || inner < 32;
-  const std::int64_t units = by_outer ? outer : (inner + 15) / 16;
-  const int parts = static_cast<int>(std::min<std::int64_t>(threads, units));
-  if (parts <= 1) return sum_axis_block(x, out, 0, outer, R, inner, 0, inner);
-  parallel_for(parts, [&](int p) {
-    const std::int64_t lo = units * p / parts, hi = units * (p + 1) / parts;
-    if (by_outer)
-      sum_axis_block(x, out, lo, hi, R, inner, 0, inner);
-    else
+  const std::int64_t elements = outer * R * inner;
+  if (outer > 1 || inner < 32) {
+    parallel_units(outer, elements,
+                   [&](std::int64_t lo, std::int64_t hi) { sum_axis_block(x, out, lo, hi, R, inner, 0, inner); });
+  } else {
+    parallel_units((inner + 15) / 16, elements, [&](std::int64_t lo, std::int64_t hi) {
       sum_axis_block(x, out, 0, outer, R, inner, lo * 16, std::min(inner, hi * 16));
-  });
+    });
+  }
 }
 
 // Softmax over contiguous float32 rows (the class axis of a classifier). Rows go in blocks, so the
