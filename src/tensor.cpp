@@ -208,13 +208,13 @@ void update_inplace(Tensor& dst, const Tensor& src_in, const char* op, F f) {
       // then which value an element reads would depend on the cut.
       const std::less<const T*> before;  // (a total order, also across allocations)
       const bool shifted_overlap = s != p && before(s, p + n) && before(p, s + n);
-      if (shifted_overlap) {
-        for (std::int64_t i = 0; i < n; ++i) p[i] = f(p[i], s[i]);
-        return;
-      }
-      kernels::parallel_range(n, [&](std::int64_t lo, std::int64_t hi) {
+      const auto update = [&](std::int64_t lo, std::int64_t hi) {
         for (std::int64_t i = lo; i < hi; ++i) p[i] = f(p[i], s[i]);
-      });
+      };
+      if (shifted_overlap)
+        update(0, n);
+      else
+        kernels::parallel_range(n, update);
       return;
     }
     kernels::for_each_run<2>(dst.shape(), {&dst.strides(), &src.strides()}, [&](auto off, std::int64_t n, auto st) {
