@@ -17,6 +17,8 @@ struct DeleteStack {
   ~DeleteStack() { delete_stack_dead = true; }
 };
 thread_local DeleteStack delete_stack;
+thread_local int delete_depth = 0;
+constexpr int kRecursionLimit = 64;
 }  // namespace
 
 thread_local constinit bool detail::grad_mode_enabled = true;
@@ -63,6 +65,14 @@ Node::~Node() {
       else
         pending_deletes->push_back(std::move(e));
     }
+    return;
+  }
+  // A shallow graph frees by plain recursion, which costs no work list; only a teardown that
+  // reaches kRecursionLimit nodes deep turns iterative from there.
+  if (delete_depth < kRecursionLimit) {
+    ++delete_depth;
+    for (auto& e : next_edges_) e.reset();
+    --delete_depth;
     return;
   }
   bool last_owner = false;
