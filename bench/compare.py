@@ -437,6 +437,16 @@ def med_range(vals, fmt):
     return f"{fmt.format(m)} [{fmt.format(min(vals))}–{fmt.format(max(vals))}]"
 
 
+def paired_ratio(cg, pe):
+    """Median [min–max] over the rounds both sides completed of peer / chaingrad within the round.
+    The machine drifts by more than the differences measured here, from minute to minute; the two
+    runs of one round are minutes apart at most, so their ratio sees less of it than the ratio of
+    the medians does."""
+    cg_by_round = {s["round"]: s["metric"] for s in cg if s["metric"]}
+    ratios = [s["metric"] / cg_by_round[s["round"]] for s in pe if s["round"] in cg_by_round]
+    return med_range(ratios, "{:.2f}")
+
+
 def fmt_acc(vals):
     """Mean over the rounds (each round has its own seed) and, with several rounds, the standard
     error of that mean: accuracy after one epoch moves by points from seed to seed."""
@@ -461,15 +471,17 @@ def report(a, configs, cg_samples, peer_samples, notes, cores, failures):
     print(f"Command: `{shlex.join([sys.argv[0]] + sys.argv[1:])}` (cwd `{os.getcwd()}`)  ")
     print(f"Rounds: {a.rounds}, interleaved (chaingrad and peer alternate which runs first), "
           f"epochs per run: {a.epochs}. Time: median [min–max] of the rounds; "
-          f"ratio = peer / chaingrad (>1: chaingrad faster). Round r runs seed {a.seed} + r - 1 on "
+          f"ratio = peer / chaingrad (>1: chaingrad faster); paired = median [min–max] of the same "
+          f"ratio taken round by round, which cancels the machine's drift between rounds. "
+          f"Round r runs seed {a.seed} + r - 1 on "
           f"both sides; acc = mean ± standard error over the rounds. RSS = child's ru_maxrss, MiB.")
     if a.wait_idle > 0:
         print(f"Each configuration's runs of a round started after the CPUs were ≥ {a.wait_idle:g}% idle for 1 s.")
     print()
     hdr = ("| workload | opt | batch | threads cg/peer | env | peer | chaingrad | peer "
-           "| ratio | acc cg | acc peer | RSS cg | RSS peer |")
+           "| ratio | paired | acc cg | acc peer | RSS cg | RSS peer |")
     print(hdr)
-    print("|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for i, c in enumerate(configs):
         unit = "µs" if c["workload"] == "scalar" else "s"
         fmt = "{:.2f}" if c["workload"] == "scalar" else "{:.3f}"
@@ -479,6 +491,7 @@ def report(a, configs, cg_samples, peer_samples, notes, cores, failures):
         pem = [s["metric"] for s in pe]
         ratio = (f"{statistics.median(pem) / statistics.median(cgm):.2f}"
                  if cgm and pem and statistics.median(cgm) > 0 else "n/a")
+        paired = paired_ratio(cg, pe)
         ncg_fail = len(cg_samples[c["cg_key"]]) - len(cg)
         npe_fail = len(peer_samples[i]) - len(pe)
         cg_cell = (med_range(cgm, fmt) + (f" {unit}" if cgm else "")
@@ -486,7 +499,7 @@ def report(a, configs, cg_samples, peer_samples, notes, cores, failures):
         pe_cell = (med_range(pem, fmt) + (f" {unit}" if pem else "")
                    + (f" ({npe_fail} failed)" if npe_fail else ""))
         print(f"| {c['workload']} | {c['opt']} | {c['batch']} | {c['threads']}/{c['peer_threads']} "
-              f"| {c['env']} | {c['peer']} | {cg_cell} | {pe_cell} | {ratio} "
+              f"| {c['env']} | {c['peer']} | {cg_cell} | {pe_cell} | {ratio} | {paired} "
               f"| {fmt_acc([s['test_accuracy'] for s in cg if s['test_accuracy'] is not None])} "
               f"| {fmt_acc([s['test_accuracy'] for s in pe if s['test_accuracy'] is not None])} "
               f"| {fmt_rss([s['maxrss_kb'] for s in cg if s['maxrss_kb']])} "
