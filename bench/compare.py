@@ -472,7 +472,7 @@ def report(a, configs, cg_samples, peer_samples, notes, cores, failures):
     print(f"Rounds: {a.rounds}, interleaved (chaingrad and peer alternate which runs first), "
           f"epochs per run: {a.epochs}. Time: median [min–max] of the rounds; "
           f"ratio = peer / chaingrad (>1: chaingrad faster); paired = median [min–max] of the same "
-          f"ratio taken round by round, which cancels the machine's drift between rounds. "
+          f"ratio taken round by round, which the machine's drift between rounds moves less. "
           f"Round r runs seed {a.seed} + r - 1 on "
           f"both sides; acc = mean ± standard error over the rounds. RSS = child's ru_maxrss, MiB.")
     if a.wait_idle > 0:

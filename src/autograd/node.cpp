@@ -68,7 +68,7 @@ Node::~Node() {
     }
     return;
   }
-  // Recursion costs no work list (a scalar step's teardown ran 1.5% fewer instructions).
+  // Recursion costs no work list (the scalar step ran 1.5% fewer instructions for it).
   if (delete_depth < kRecursionLimit) {
     ++delete_depth;
     for (auto& e : next_edges_) e.reset();
