@@ -156,6 +156,15 @@ std::vector<Case> cases() {
     out.push_back({ta, tb, 45, 600, 830, 1.f, 0.f, 5});
     out.push_back({ta, tb, 113, 33, 401, -2.f, 1.f, 17});
   }
+  // A^T B through a transposed copy of A (gemm.cpp, transpose_a_first: m, n >= 128 and
+  // 64 <= k <= 512 where oneDNN lacks AVX-512): ragged 8 x 8 blocks on both sides, a padded
+  // leading dimension, the shortest and longest k, and a copy big enough to be cut across threads.
+  for (int t = 0; t < 4; ++t) {
+    const bool ta = (t & 1) != 0, tb = (t & 2) != 0;
+    out.push_back({ta, tb, 200, 150, 130, 1.f, 0.f, 0});
+    out.push_back({ta, tb, 131, 257, 64, 0.5f, 1.f, 3});
+    out.push_back({ta, tb, 257, 128, 511, -1.f, 0.5f, 9});
+  }
   return out;
 }
 

@@ -17,6 +17,7 @@
 #include "kernels/cpu/parallel.hpp"
 #include "kernels/cpu/sgemm_avx512.hpp"
 #include "kernels/cpu/sgemm_thin.hpp"
+#include "kernels/cpu/transpose.hpp"
 
 // float32 products go to oneDNN's sgemm: its JIT kernels use AVX-512 where the CPU has it, whatever
 // OPENBLAS_CORETYPE says, and on this project's MLP products they run 1.2-1.6x faster than
@@ -152,6 +153,41 @@ bool use_thin_sgemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64
   return allowed && sgemm_thin_applies(ta, tb, m, n, k);
 }
 
+// Whether gemm<float> copies A^T into a buffer first and runs A^T B as a plain A B product.
+// On a CPU where oneDNN has no AVX-512 (an AMD EPYC, Zen 3), that made the MLP's training step
+// 4-8% shorter at batch 128-512: its A^T B kernels ran the weight gradients (dW = G^T X, k = the
+// batch) up to a third slower than its A B kernels do after the copy, which costs 1-4% of the
+// product while A fits in L2. At batch 1024 and 32 the steps were level, so the copy is made
+// only for 64 <= k <= 512, and for m, n >= 128 where it was measured. BENCHMARKS.md, "Session 15:
+// weight gradients through a transposed copy", has the figures. On the AVX-512 machine of
+// sessions 3-9 the layouts ran within 5% of each other, so there products run as called.
+// CHAINGRAD_SGEMM_TN=direct or =transposed overrides the choice, for A/B runs.
+// The rule depends on the shape only, so results do not depend on the thread count.
+bool transpose_a_first(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k) {
+  static const bool on = [] {
+    const char* e = std::getenv("CHAINGRAD_SGEMM_TN");
+    if (e && std::string(e) == "direct") return false;
+    if (e && std::string(e) == "transposed") return true;
+    const unsigned isa = dnnl_get_effective_cpu_isa(), avx512 = dnnl_cpu_isa_avx512_core;
+    return (isa & avx512) != avx512;
+  }();
+  return on && ta && !tb && m >= 128 && m <= 4096 && n >= 128 && k >= 64 && k <= 512;
+}
+
+// A^T B as A' B with A' = A^T in a buffer kept per thread (at most 4096 x 512 floats, 8 MiB).
+void gemm_after_transposing_a(std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,
+                              std::int64_t lda, const float* b, std::int64_t ldb, float beta, float* c,
+                              std::int64_t ldc) {
+  static thread_local std::vector<float> scratch;
+  if (scratch.size() < static_cast<std::size_t>(m * k)) scratch.resize(static_cast<std::size_t>(m * k));
+  float* at = scratch.data();
+  // A is stored k x m; A' (m x k) is its transpose, cut by A's columns (A' rows) across the pool.
+  parallel_units((m + 7) / 8, m * k, [&](std::int64_t lo, std::int64_t hi) {
+    transpose_f32(a, k, m, lda, at, k, lo * 8, std::min(m, hi * 8));
+  });
+  split_gemm(false, false, m, n, k, alpha, static_cast<const float*>(at), k, b, ldb, beta, c, ldc, /*thin=*/false);
+}
+
 std::atomic<bool> profiling{false};
 std::atomic<std::uint64_t> profiled_calls{0}, profiled_flops{0}, profiled_ns{0};
 
@@ -180,6 +216,10 @@ void gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, T al
       if (use_own_sgemm(ta, tb, m, n, k)) return sgemm_avx512(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     }
     const bool thin = std::is_same_v<T, float> && use_thin_sgemm(ta, tb, m, n, k);
+    if constexpr (std::is_same_v<T, float>) {
+      if (!thin && transpose_a_first(ta, tb, m, n, k))
+        return gemm_after_transposing_a(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    }
     split_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, thin);
   };
   if (!profiling.load(std::memory_order_relaxed)) [[likely]]

@@ -3,7 +3,8 @@
 // CHAINGRAD_SGEMM=own on a CPU with AVX-512F, on chaingrad's own kernel for some shapes:
 // sgemm_avx512.hpp), except products with a side of at most 16, which run on chaingrad's thin
 // kernels where the CPU has AVX-512F (sgemm_thin.hpp; CHAINGRAD_SGEMM=onednn turns them off);
-// float64 on OpenBLAS, split across chaingrad's thread pool (gemm.cpp says why).
+// float64 on OpenBLAS, split across chaingrad's thread pool (gemm.cpp says why). Where oneDNN has no
+// AVX-512, A^T B with a short k runs as A B on a transposed copy of A (gemm.cpp, transpose_a_first).
 #include <cstdint>
 
 namespace chaingrad::kernels {
