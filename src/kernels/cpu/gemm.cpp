@@ -153,23 +153,27 @@ bool use_thin_sgemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64
   return allowed && sgemm_thin_applies(ta, tb, m, n, k);
 }
 
+bool onednn_has_avx512() {
+  const unsigned isa = dnnl_get_effective_cpu_isa(), avx512 = dnnl_cpu_isa_avx512_core;
+  return (isa & avx512) == avx512;
+}
+
 // Whether gemm<float> copies A^T into a buffer first and runs A^T B as a plain A B product.
-// On a CPU where oneDNN has no AVX-512 (an AMD EPYC, Zen 3), that made the MLP's training step
-// 4-8% shorter at batch 128-512: its A^T B kernels ran the weight gradients (dW = G^T X, k = the
-// batch) up to a third slower than its A B kernels do after the copy, which costs 1-4% of the
-// product while A fits in L2. At batch 1024 and 32 the steps were level, so the copy is made
-// only for 64 <= k <= 512, and for m, n >= 128 where it was measured. BENCHMARKS.md, "Session 15:
-// weight gradients through a transposed copy", has the figures. On the AVX-512 machine of
-// sessions 3-9 the layouts ran within 5% of each other, so there products run as called.
-// CHAINGRAD_SGEMM_TN=direct or =transposed overrides the choice, for A/B runs.
-// The rule depends on the shape only, so results do not depend on the thread count.
+// Where oneDNN has no AVX-512 (an AMD EPYC, Zen 3), its A^T B kernels ran the weight gradients
+// (dW = G^T X, k = the batch) 10-14% slower than its A B kernels on the copy, which costs 1-4% of
+// the product while A fits in L2; the MLP's training step was 4-9% shorter at batch 128-512. At
+// batch 1024 and 32 the steps were level, so the copy is made only for 64 <= k <= 512, and for
+// m, n >= 128, where it was measured (BENCHMARKS.md, "Session 15: weight gradients through a
+// transposed copy"). On the AVX-512 machine of sessions 3-9 the layouts ran within 5% of each
+// other, so there products run as called. CHAINGRAD_SGEMM_TN=direct or =transposed overrides the
+// choice, for A/B runs. Like the other choices here it depends on the shape, never on the
+// thread count.
 bool transpose_a_first(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k) {
   static const bool on = [] {
     const char* e = std::getenv("CHAINGRAD_SGEMM_TN");
     if (e && std::string(e) == "direct") return false;
     if (e && std::string(e) == "transposed") return true;
-    const unsigned isa = dnnl_get_effective_cpu_isa(), avx512 = dnnl_cpu_isa_avx512_core;
-    return (isa & avx512) != avx512;
+    return !onednn_has_avx512();
   }();
   return on && ta && !tb && m >= 128 && m <= 4096 && n >= 128 && k >= 64 && k <= 512;
 }
@@ -239,10 +243,7 @@ void gemm_onednn(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t 
   split_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, /*thin=*/false);
 }
 
-bool gemm_same_bits_any_threads() {
-  const unsigned isa = dnnl_get_effective_cpu_isa(), avx512 = dnnl_cpu_isa_avx512_core;
-  return (isa & avx512) == avx512;
-}
+bool gemm_same_bits_any_threads() { return onednn_has_avx512(); }
 
 void warm_up_gemm() {
   static std::once_flag once;

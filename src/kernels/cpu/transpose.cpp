@@ -9,9 +9,8 @@ namespace {
 
 #define CG_AVX2 __attribute__((target("avx2,fma")))
 
-// One 8x8 block through registers: eight row loads, three shuffle stages, eight row stores. The
-// scalar loop below reads one element per cache line of the source's columns and ran 2.6x slower
-// on a 256x256 matrix.
+// One 8x8 block through registers: eight row loads, three shuffle stages, eight row stores. A
+// scalar copy in 16x16 tiles took 2.6x as long on a 256x256 matrix (52 against 20 us).
 CG_AVX2 void block8(const float* s, std::int64_t lds, float* d, std::int64_t ldd) {
   __m256 r[8];
   for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(s + i * lds);
