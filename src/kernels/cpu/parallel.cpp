@@ -79,7 +79,7 @@ class Pool {
   Pool(const Pool&) = delete;
   Pool& operator=(const Pool&) = delete;
   ~Pool() {
-    stop_ = true;
+    stop_.store(true, std::memory_order_relaxed);  // (publish() orders it before the wake-up)
     publish();
     for (auto& w : workers_) w.join();
   }
@@ -121,7 +121,7 @@ class Pool {
       }
       const std::uint64_t c = control_.load(std::memory_order_acquire);
       seen = generation(c);
-      if (stop_) return;
+      if (stop_.load(std::memory_order_relaxed)) return;
       if (!check_in(c, seen)) continue;  // the caller finished this job without us
       run_tasks();
       const std::uint64_t after = control_.fetch_sub(1, std::memory_order_acq_rel) - 1;
@@ -169,7 +169,9 @@ class Pool {
   std::atomic<int> next_{0};
   const std::function<void(int)>* fn_ = nullptr;
   int tasks_ = 0;
-  bool stop_ = false;
+  // Atomic because a worker that skipped the last job read it with no check-in to order that read
+  // before the destructor's write (ThreadSanitizer, test_sgemm's thread-count changes).
+  std::atomic<bool> stop_{false};
   std::mutex sleep_mu_;
   std::condition_variable wake_cv_, done_cv_;
   std::mutex error_mu_;
