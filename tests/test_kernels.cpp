@@ -594,12 +594,15 @@ TEST(CopyKernel, TransposedCopiesMatchTheElementwiseWalk) {
     for (const cg::Dims& order : {cg::Dims{0, 1, 3, 2}, cg::Dims{3, 2, 1, 0}, cg::Dims{0, 3, 1, 2}, cg::Dims{2, 0, 3, 1}}) {
       const cg::Tensor p = a.permute(order);
       const cg::Tensor copy = p.contiguous(), as_float = p.to(cg::DType::Float32);
+      // float32 to float32 goes through the AVX2 8x8 blocks (transpose.cpp): ragged on every side.
+      const cg::Tensor p32 = a.to(cg::DType::Float32).permute(order), copy32 = p32.contiguous();
       for (std::int64_t i = 0; i < p.size(0); i += 2)
         for (std::int64_t j = 0; j < p.size(1); j += 3)
           for (std::int64_t k = 0; k < p.size(2); k += 5)
             for (std::int64_t l = 0; l < p.size(3); ++l) {
               ASSERT_EQ(copy.at({i, j, k, l}), p.at({i, j, k, l}));
               ASSERT_EQ(as_float.at({i, j, k, l}), static_cast<double>(static_cast<float>(p.at({i, j, k, l}))));
+              ASSERT_EQ(copy32.at({i, j, k, l}), p32.at({i, j, k, l}));
             }
     }
     const cg::Tensor big = cg::randn({300, 400});

@@ -1,6 +1,6 @@
 #pragma once
-// Out-of-place transposition of a float32 matrix, for products that run faster on the other
-// layout (gemm.cpp, transpose_a_first).
+// Out-of-place transposition of a float32 matrix: for products that run faster on the other
+// layout (gemm.cpp, transpose_a_first), and for copies of transposed float32 tensors (copy.cpp).
 #include <cstdint>
 
 namespace chaingrad::kernels {
