@@ -131,12 +131,49 @@ void with_exp_of_minus_abs(const float* x, float* y, std::int64_t n, Finish fini
 }
 }  // namespace
 
+namespace {
+// sigmoid(x) from e = e^-|x|: 1 / (1 + e) for x >= 0, e / (1 + e) below.
+void sigmoid_from_exp1(const float* x, const float* e, float* y, std::int64_t m) {
+  for (std::int64_t j = 0; j < m; ++j) {
+    const float r = 1.0f / (1.0f + e[j]);
+    y[j] = x[j] >= 0.0f ? r : e[j] * r;
+  }
+}
+// The same steps eight lanes at a time, with the sign's choice a blend: compiled for the baseline
+// CPU, the loop above branches on each sign, and on random signs (randn) half the branches
+// mispredicted: 1M floats took 6.6 ms, 0.13x libtorch's time, on an AMD EPYC (session 15). IEEE
+// division and multiplication in each lane give the loop's bits.
+__attribute__((target("avx2"))) void sigmoid_from_exp8(const float* x, const float* e, float* y, std::int64_t m) {
+  std::int64_t j = 0;
+  for (; j + 8 <= m; j += 8) {
+    const __m256 ev = _mm256_loadu_ps(e + j);
+    const __m256 r = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), ev));
+    const __m256 nonneg = _mm256_cmp_ps(_mm256_loadu_ps(x + j), _mm256_setzero_ps(), _CMP_GE_OQ);
+    _mm256_storeu_ps(y + j, _mm256_blendv_ps(_mm256_mul_ps(ev, r), r, nonneg));
+  }
+  sigmoid_from_exp1(x + j, e + j, y + j, m - j);
+}
+// Both steps in one pass, where vexp would use these same 8-lane expf calls (a CPU with AVX2 and
+// no AVX-512), so the bits are those of the two passes: 1M floats in 650 against 1050 us.
+__attribute__((target("avx2,fma"))) inline __m256 sigmoid8(__m256 x) {
+  const __m256 e = _ZGVdN8v_expf(_mm256_or_ps(x, _mm256_set1_ps(-0.0f)));  // e^-|x|
+  const __m256 r = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+  const __m256 nonneg = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ);
+  return _mm256_blendv_ps(_mm256_mul_ps(e, r), r, nonneg);
+}
+__attribute__((target("avx2,fma"))) void sigmoid_lanes8(const float* x, float* y, std::int64_t n) {
+  map8<sigmoid8>(x, y, n);
+}
+}  // namespace
+
 void vsigmoid(const float* x, float* y, std::int64_t n) {
+  static const int lanes = has_avx512() ? 16 : has_avx2() ? 8 : 1;
+  if (lanes == 8) return sigmoid_lanes8(x, y, n);
   with_exp_of_minus_abs(x, y, n, [](const float* xb, const float* e, float* yb, std::int64_t m) {
-    for (std::int64_t j = 0; j < m; ++j) {
-      const float r = 1.0f / (1.0f + e[j]);
-      yb[j] = xb[j] >= 0.0f ? r : e[j] * r;
-    }
+    if (lanes == 16)
+      sigmoid_from_exp8(xb, e, yb, m);
+    else
+      sigmoid_from_exp1(xb, e, yb, m);
   });
 }
 
