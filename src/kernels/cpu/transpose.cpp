@@ -43,10 +43,15 @@ CG_AVX2 void transpose_avx2(const float* src, std::int64_t rows, std::int64_t ld
   }
 }
 
+// The ragged edges, and whole matrices on a CPU without AVX2: in 32x32 tiles, as copy.cpp's
+// copy_tiles, since it now sends float32 copies here on every CPU.
 void transpose_scalar(const float* src, std::int64_t row_lo, std::int64_t row_hi, std::int64_t lds, float* dst,
                       std::int64_t ldd, std::int64_t col_lo, std::int64_t col_hi) {
-  for (std::int64_t j = col_lo; j < col_hi; ++j)
-    for (std::int64_t i = row_lo; i < row_hi; ++i) dst[j * ldd + i] = src[i * lds + j];
+  constexpr std::int64_t kTile = 32;
+  for (std::int64_t j0 = col_lo; j0 < col_hi; j0 += kTile)
+    for (std::int64_t i0 = row_lo; i0 < row_hi; i0 += kTile)
+      for (std::int64_t j = j0; j < std::min(col_hi, j0 + kTile); ++j)
+        for (std::int64_t i = i0; i < std::min(row_hi, i0 + kTile); ++i) dst[j * ldd + i] = src[i * lds + j];
 }
 
 }  // namespace
