@@ -192,6 +192,24 @@ std::vector<Case> cases() {
                  const torch::Tensor a = torch::randn({kM});
                  for (auto _ : s) benchmark::DoNotOptimize(torch::gelu(a));
                }});
+  // Forward, then the fused backward's one pass over x and the incoming gradient.
+  c.push_back({"gelu_fwd_bwd_1M", Bound::Memory, 20.0 * kM,
+               [](benchmark::State& s) {
+                 cg::Tensor a = cg::randn({kM}).requires_grad_();
+                 const cg::Tensor g = cg::randn({kM});
+                 for (auto _ : s) {
+                   cg::gelu(a).backward(g);
+                   a.zero_grad();
+                 }
+               },
+               [](benchmark::State& s) {
+                 torch::Tensor a = torch::randn({kM}).requires_grad_();
+                 const torch::Tensor g = torch::randn({kM});
+                 for (auto _ : s) {
+                   torch::gelu(a).backward(g);
+                   a.mutable_grad() = torch::Tensor();
+                 }
+               }});
   c.push_back({"softmax_1024x1000", Bound::Memory, 8.0 * 1024 * 1000,
                [](benchmark::State& s) {
                  const cg::Tensor a = cg::randn({1024, 1000});
