@@ -1,15 +1,17 @@
 // The hot kernels of the reference workloads, chaingrad against libtorch (the peer) in one process,
-// both on one thread, so each ratio compares kernels and per-op overhead, not threading.
+// both on one thread by default, so each ratio compares kernels and per-op overhead, not threading;
+// --threads=N gives both sides N threads (the ceilings are then left out: they are one thread's).
 // Repetitions are randomly interleaved (A B B A ...), and the table at the end gives each side's
 // median, the ratio, and chaingrad's GB/s or GFLOP/s next to the ceiling measured in the same run
 // (memcpy bandwidth at the kernel's footprint, or the FMA peak).
 //
 //   cmake -S . -B build -DCHAINGRAD_BENCH_LIBTORCH=ON && cmake --build build --target bench_vs_libtorch
-//   build/bench/bench_vs_libtorch [--benchmark_repetitions=5] [--benchmark_filter=...]
+//   build/bench/bench_vs_libtorch [--threads=N] [--benchmark_repetitions=5] [--benchmark_filter=...]
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <map>
 #include <string>
@@ -400,15 +402,32 @@ class MedianCollector : public benchmark::ConsoleReporter {
 int main(int argc, char** argv) {
   // Defaults that make the comparison fair on a noisy machine; flags given later win.
   std::vector<char*> args(argv, argv + argc);
+  // --threads=N (ours, not Google Benchmark's): both sides on N threads; one by default.
+  int threads = 1;
+  for (auto it = args.begin() + 1; it != args.end();) {
+    const std::string a = *it;
+    if (a.rfind("--threads=", 0) != 0) {
+      ++it;
+      continue;
+    }
+    char* end = nullptr;
+    const long t = std::strtol(a.c_str() + 10, &end, 10);
+    if (end == a.c_str() + 10 || *end != '\0' || t < 1 || t > 256) {
+      std::fprintf(stderr, "bench_vs_libtorch: --threads expects a whole number from 1 to 256; got '%s'\n", a.c_str() + 10);
+      return 2;
+    }
+    threads = static_cast<int>(t);
+    it = args.erase(it);
+  }
   std::string reps = "--benchmark_repetitions=5", interleave = "--benchmark_enable_random_interleaving=true";
   args.insert(args.begin() + 1, {reps.data(), interleave.data()});
   int n = static_cast<int>(args.size());
   benchmark::Initialize(&n, args.data());
   if (benchmark::ReportUnrecognizedArguments(n, args.data())) return 1;
 
-  cg::set_num_threads(1);
-  torch::set_num_threads(1);
-  openblas_set_num_threads(1);  // libtorch's products run on OpenBLAS, which has threads of its own
+  cg::set_num_threads(threads);
+  torch::set_num_threads(threads);
+  openblas_set_num_threads(threads);  // libtorch's products run on OpenBLAS, which has threads of its own
   const double fma_peak = bench::fma_peak_gflops();
 
   const std::vector<Case> all = cases();
@@ -419,7 +438,8 @@ int main(int argc, char** argv) {
   MedianCollector reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
 
-  std::printf("\nOne thread each; ratio = libtorch time / chaingrad time (> 1: chaingrad is faster).\n");
+  std::printf("\n%d thread%s each; ratio = libtorch time / chaingrad time (> 1: chaingrad is faster).\n", threads,
+              threads == 1 ? "" : "s");
   std::printf("FMA peak (1 thread): %.1f GFLOP/s. Memory-bound rows: memcpy at the same footprint.\n\n", fma_peak);
   std::printf("| kernel | chaingrad µs | libtorch µs | ratio | chaingrad rate | of ceiling |\n");
   std::printf("|---|---:|---:|---:|---:|---:|\n");
@@ -430,11 +450,13 @@ int main(int argc, char** argv) {
     if (c.bound == Bound::Memory) {
       const double gbs = c.work / (a * 1e-6) / 1e9;
       std::snprintf(rate, sizeof rate, "%.1f GB/s", gbs);
-      std::snprintf(ceiling, sizeof ceiling, "%.0f%%", 100 * gbs / bench::copy_bandwidth_gbs(static_cast<std::size_t>(c.work)));
+      if (threads == 1)
+        std::snprintf(ceiling, sizeof ceiling, "%.0f%%",
+                      100 * gbs / bench::copy_bandwidth_gbs(static_cast<std::size_t>(c.work)));
     } else if (c.bound == Bound::Compute) {
       const double gflops = c.work / (a * 1e-6) / 1e9;
       std::snprintf(rate, sizeof rate, "%.1f GFLOP/s", gflops);
-      std::snprintf(ceiling, sizeof ceiling, "%.0f%%", 100 * gflops / fma_peak);
+      if (threads == 1) std::snprintf(ceiling, sizeof ceiling, "%.0f%%", 100 * gflops / fma_peak);
     } else {
       std::snprintf(rate, sizeof rate, "%.0f ns/op", a * 1e3 / c.work);
     }

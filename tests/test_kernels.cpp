@@ -152,6 +152,38 @@ TEST(Gemm, ThinKernelsWithBetaZeroOverwriteNan) {
   }
 }
 
+// bmm hands small products to the threads whole, a range of the batch each (gemm_batched). Each
+// product must match mm on that batch's matrices bit for bit, on any thread count, whatever the
+// layout: contiguous, transposed, a batch broadcast with stride 0, a layout the BLAS cannot read.
+TEST(Gemm, BmmMatchesMmOnEveryBatchForEveryLayoutAndThreadCount) {
+  ThreadCount restore;
+  for (const cg::DType dt : {cg::DType::Float32, cg::DType::Float64}) {
+    const cg::TensorOptions o{.dtype = dt};
+    const std::int64_t B = 37, m = 24, k = 33, n = 20;  // 32 kflop a product, 1.2 Mflop in all
+    const cg::Tensor a = cg::randn({B, m, k}, o), at = cg::randn({B, k, m}, o).transpose(1, 2);
+    const cg::Tensor b = cg::randn({B, k, n}, o), bt = cg::randn({B, n, k}, o).transpose(1, 2);
+    const cg::Tensor b_one = cg::randn({1, k, n}, o).expand({B, k, n});
+    const cg::Tensor a_odd = cg::randn({B, m, 2 * k}, o).slice(2, 0, 2 * k, 2);  // column stride 2
+    for (const auto& [x, y] : {std::pair{a, b}, {at, b}, {a, bt}, {at, bt}, {a, b_one}, {a_odd, bt}}) {
+      std::vector<double> want;
+      for (std::int64_t i = 0; i < B; ++i) {
+        const std::vector<double> one = cg::mm(x.select(0, i), y.select(0, i)).to_vector<double>();
+        want.insert(want.end(), one.begin(), one.end());
+      }
+      for (int threads : {3, 2, 1}) {
+        kc::set_num_threads(threads);
+        // A freed block of the output's size, full of NaN, for the allocator to hand back: a product
+        // left out must show, not leave the previous call's result in place.
+        (void)cg::full({B, m, n}, std::nan(""), o);
+        EXPECT_EQ(cg::bmm(x, y).to_vector<double>(), want) << cg::dtype_name(dt) << ", " << threads << " threads";
+      }
+    }
+  }
+  // Empty sides and an empty sum.
+  EXPECT_EQ(cg::bmm(cg::ones({3, 2, 0}), cg::ones({3, 0, 4})).to_vector<float>(), std::vector<float>(24, 0.f));
+  EXPECT_EQ(cg::bmm(cg::ones({0, 2, 3}), cg::ones({0, 3, 4})).numel(), 0);
+}
+
 TEST(Gemm, EmptySumScalesCAndBetaZeroOverwritesNan) {
   std::vector<float> c = {1.f, NAN, 3.f, 4.f};
   kc::gemm<float>(false, false, 2, 2, 0, 1.f, nullptr, 1, nullptr, 2, 0.f, c.data(), 2);
@@ -582,6 +614,59 @@ TEST(VectorMath, Float32SoftmaxFamilyMatchesFloat64) {
                              cg::log_softmax(xf, 1).slice(1, cols > 1 ? 1 : 0, cols), 1e-5, 1e-5));
     EXPECT_TRUE(cg::allclose(cg::logsumexp(x32, {1}).to(cg::DType::Float64), cg::logsumexp(xf, {1}), 1e-6, 1e-5));
     EXPECT_EQ(cg::softmax(x32, 1).at({1, 0}), cols > 1 ? 0.0 : 1.0);
+  }
+}
+
+// softmax, log_softmax and logsumexp cut their slices across the pool from 64k inputs on; every
+// slice is reduced in the same order whatever the cut, so the bits must not depend on the threads.
+// Rows of float32 (the vector path), other axes and float64 (the general loop), ragged cuts.
+TEST(VectorMath, SoftmaxFamilyGivesTheSameBitsOnAnyThreadCount) {
+  ThreadCount restore;
+  for (const cg::DType dt : {cg::DType::Float32, cg::DType::Float64}) {
+    const cg::Tensor x = cg::randn({301, 3, 97}, {.dtype = dt}) * 5.0;  // 87,591 elements
+    for (const std::int64_t dim : {2, 1, 0}) {
+      std::vector<std::vector<double>> want;
+      // Each output goes into a block freed full of NaN, so that a slice left out shows.
+      auto poisoned = [&](auto op, const cg::Dims& shape) {
+        (void)cg::full(shape, std::nan(""), {.dtype = dt});
+        return op().template to_vector<double>();
+      };
+      cg::Dims reduced = x.shape();
+      reduced.erase(static_cast<int>(dim));
+      for (int threads : {1, 2, 3}) {
+        kc::set_num_threads(threads);
+        const std::vector<std::vector<double>> got = {
+            poisoned([&] { return cg::softmax(x, dim); }, x.shape()),
+            poisoned([&] { return cg::log_softmax(x, dim); }, x.shape()),
+            poisoned([&] { return cg::logsumexp(x, dim); }, reduced)};
+        if (want.empty())
+          want = got;
+        else
+          EXPECT_EQ(got, want) << cg::dtype_name(dt) << ", dim " << dim << ", " << threads << " threads";
+      }
+    }
+  }
+}
+
+// index_select gathers its rows on the pool from 64k elements on: every row must be the source's,
+// on any thread count, for the first axis (an embedding lookup) and an inner one.
+TEST(CopyKernel, IndexSelectGathersTheSameRowsOnAnyThreadCount) {
+  ThreadCount restore;
+  const cg::Tensor x = cg::randn({500, 7, 40});
+  const cg::Tensor rows = cg::randint(0, 500, {301}), cols = cg::randint(0, 7, {9});
+  for (int threads : {3, 2, 1}) {
+    kc::set_num_threads(threads);
+    (void)cg::full({301, 7, 40}, std::nan(""));  // a freed block for the output: a row left out shows
+    const cg::Tensor by_rows = cg::index_select(x, 0, rows);  // 84,280 elements
+    for (std::int64_t j = 0; j < 301; ++j)
+      ASSERT_EQ(by_rows.select(0, j).to_vector<float>(), x.select(0, rows.at({j})).to_vector<float>())
+          << threads << " threads, row " << j;
+    (void)cg::full({500, 9, 40}, std::nan(""));
+    const cg::Tensor by_cols = cg::index_select(x, 1, cols);  // 180,000 elements
+    for (std::int64_t j = 0; j < 9; ++j)
+      ASSERT_EQ(by_cols.select(1, j).contiguous().to_vector<float>(),
+                x.select(1, static_cast<std::int64_t>(cols.at({j}))).contiguous().to_vector<float>())
+          << threads << " threads, column " << j;
   }
 }
 

@@ -1,6 +1,7 @@
 // Gather/scatter pairs: each is the other's adjoint, so each backward is the other op.
 #include <cstring>
 
+#include "kernels/cpu/parallel.hpp"
 #include "ops/common.hpp"
 
 namespace chaingrad {
@@ -138,9 +139,14 @@ Tensor index_select(const Tensor& x_in, std::int64_t dim_in, const Tensor& index
   const std::size_t es = element_size(x.dtype());
   const char* px = static_cast<const char*>(x.raw_data());
   char* po = static_cast<char*>(out.raw_data());
-  for (std::int64_t o = 0; o < outer; ++o)
-    for (std::int64_t j = 0; j < k; ++j)
-      std::memcpy(po + ((o * k + j) * inner) * es, px + ((o * n + pi[j]) * inner) * es, inner * es);
+  // Row u = o * k + j of the output; the rows go to the threads from 64k elements on (an embedding
+  // lookup of a batch), since a gather of scattered rows waits on memory.
+  kernels::parallel_units(outer * k, outer * k * inner, [&](std::int64_t lo, std::int64_t hi) {
+    for (std::int64_t u = lo; u < hi; ++u) {
+      const std::int64_t o = u / k, j = u % k;
+      std::memcpy(po + u * inner * es, px + ((o * n + pi[j]) * inner) * es, inner * es);
+    }
+  });
   if (detail::any_requires_grad({x_in}))
     record("index_select", {x_in}, out, [shape = x_in.shape(), dim, index](const Tensor& g, const Node&) {
       return GradList{index_add(zeros(shape, {.dtype = g.dtype()}), dim, index, g)};

@@ -39,6 +39,23 @@ void mm_into(const Tensor& a, const Tensor& b, T* out, T beta) {
                    static_cast<const T*>(B.keep.raw_data()), B.ld, beta, out, std::max<std::int64_t>(n, 1));
 }
 
+// A batch of 2-D operands as the BLAS sees them (3-D tensors): matrix i starts batch_stride
+// elements after matrix 0, each in the layout of GemmOperand.
+struct BatchOperand {
+  Tensor keep;
+  bool trans = false;
+  std::int64_t ld = 1, batch_stride = 0;
+};
+
+BatchOperand batch_operand(const Tensor& t) {
+  const std::int64_t rows = t.shape()[1], cols = t.shape()[2];
+  const std::int64_t s0 = t.strides()[1], s1 = t.strides()[2];
+  if ((s1 == 1 || cols == 1) && s0 >= std::max<std::int64_t>(cols, 1)) return {t, false, s0, t.strides()[0]};
+  if ((s0 == 1 || rows == 1) && s1 >= std::max<std::int64_t>(rows, 1)) return {t, true, s1, t.strides()[0]};
+  Tensor c = t.detach().contiguous();
+  return {c, false, std::max<std::int64_t>(cols, 1), rows * cols};
+}
+
 DType matmul_dtype(const Tensor& a, const Tensor& b, const char* op) {
   CG_CHECK(a.defined() && b.defined(), ValueError, op, ": an input is undefined");
   CG_CHECK(a.dtype() == b.dtype() && is_floating(a.dtype()), TypeError, op,
@@ -72,12 +89,16 @@ Tensor bmm(const Tensor& a, const Tensor& b) {
   CG_CHECK(a.shape()[0] == b.shape()[0] && a.shape()[2] == b.shape()[1], ShapeError, "bmm: shapes ", a.shape(), " and ",
            b.shape(), " cannot be multiplied (batch ", a.shape()[0], " vs ", b.shape()[0], ", inner ", a.shape()[2],
            " vs ", b.shape()[1], ")");
-  const std::int64_t B = a.shape()[0], m = a.shape()[1], n = b.shape()[2];
+  const std::int64_t B = a.shape()[0], m = a.shape()[1], k = a.shape()[2], n = b.shape()[2];
   Tensor out = empty({B, m, n}, dt);
-  dispatch_float(dt, "bmm", [&]<class T>() {
-    for (std::int64_t i = 0; i < B; ++i)
-      mm_into<T>(a.detach().select(0, i), b.detach().select(0, i), out.data<T>() + i * m * n, T(0));
-  });
+  if (B > 0 && m > 0 && n > 0) {
+    const BatchOperand A = batch_operand(a), Bo = batch_operand(b);
+    dispatch_float(dt, "bmm", [&]<class T>() {
+      kernels::gemm_batched<T>(A.trans, Bo.trans, B, m, n, k, T(1), static_cast<const T*>(A.keep.raw_data()), A.ld,
+                               A.batch_stride, static_cast<const T*>(Bo.keep.raw_data()), Bo.ld, Bo.batch_stride,
+                               T(0), out.data<T>(), std::max<std::int64_t>(n, 1), m * n);
+    });
+  }
   if (detail::any_requires_grad({a, b}))
     record("bmm", {a, b}, out, [sa = SavedTensor(a, false), sb = SavedTensor(b, false)](const Tensor& g, const Node& self) {
       return GradList{self.needs_grad(0) ? bmm(g, sb.unpack(self).transpose(1, 2)) : Tensor(),

@@ -261,9 +261,37 @@ void warm_up_gemm() {
   });
 }
 
+template <class T>
+void gemm_batched(bool ta, bool tb, std::int64_t batch, std::int64_t m, std::int64_t n, std::int64_t k, T alpha,
+                  const T* a, std::int64_t lda, std::int64_t stride_a, const T* b, std::int64_t ldb,
+                  std::int64_t stride_b, T beta, T* c, std::int64_t ldc, std::int64_t stride_c) {
+  auto product = [&](std::int64_t i) {
+    gemm<T>(ta, tb, m, n, k, alpha, a + i * stride_a, lda, b + i * stride_b, ldb, beta, c + i * stride_c, ldc);
+  };
+  // Products too small to be cut (attention's heads, say) go to the threads whole, a range of the
+  // batch each; inside a task gemm runs on its thread (parallel_for nests inline). Each product is
+  // still one call on one thread, so the bits are those of the loop below.
+  const double flops = 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
+  const int parts = static_cast<int>(std::min<std::int64_t>(num_threads(), batch));
+  if (parts > 1 && flops < kMinParallelFlops && flops * static_cast<double>(batch) >= kMinParallelFlops) {
+    parallel_for(parts, [&](int p) {
+      for (std::int64_t i = batch * p / parts; i < batch * (p + 1) / parts; ++i) product(i);
+    });
+    return;
+  }
+  for (std::int64_t i = 0; i < batch; ++i) product(i);
+}
+
 template void gemm<float>(bool, bool, std::int64_t, std::int64_t, std::int64_t, float, const float*, std::int64_t,
                           const float*, std::int64_t, float, float*, std::int64_t);
 template void gemm<double>(bool, bool, std::int64_t, std::int64_t, std::int64_t, double, const double*, std::int64_t,
                            const double*, std::int64_t, double, double*, std::int64_t);
+
+template void gemm_batched<float>(bool, bool, std::int64_t, std::int64_t, std::int64_t, std::int64_t, float,
+                                  const float*, std::int64_t, std::int64_t, const float*, std::int64_t, std::int64_t,
+                                  float, float*, std::int64_t, std::int64_t);
+template void gemm_batched<double>(bool, bool, std::int64_t, std::int64_t, std::int64_t, std::int64_t, double,
+                                   const double*, std::int64_t, std::int64_t, const double*, std::int64_t,
+                                   std::int64_t, double, double*, std::int64_t, std::int64_t);
 
 }  // namespace chaingrad::kernels

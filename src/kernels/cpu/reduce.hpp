@@ -140,14 +140,25 @@ void extreme_axis(const T* x, T* out, std::int64_t* index, std::int64_t outer, s
     }
 }
 
-// kind 0: softmax, 1: log_softmax, 2: logsumexp (out has inner elements per outer)
+// kind 0: softmax, 1: log_softmax, 2: logsumexp (out has inner elements per outer). Each slice
+// along the axis is reduced on its own, in the same order whatever the cut, so the slices are cut
+// into one block per thread from kParallelElements inputs on and the bits do not depend on the
+// thread count.
 template <class T, int kKind>
 void softmax_axis(const T* x, T* out, std::int64_t outer, std::int64_t R, std::int64_t inner) {
+  const std::int64_t elements = outer * R * inner;
   if constexpr (std::is_same_v<T, float>) {
-    if (inner == 1) return softmax_rows_float<kKind>(x, out, outer, R);
+    if (inner == 1) {
+      parallel_units(outer, elements, [&](std::int64_t lo, std::int64_t hi) {
+        softmax_rows_float<kKind>(x + lo * R, out + (kKind == 2 ? lo : lo * R), hi - lo, R);
+      });
+      return;
+    }
   }
-  for (std::int64_t o = 0; o < outer; ++o)
-    for (std::int64_t i = 0; i < inner; ++i) {
+  // Slice u = o * inner + i.
+  parallel_units(outer * inner, elements, [&](std::int64_t lo, std::int64_t hi) {
+    for (std::int64_t u = lo; u < hi; ++u) {
+      const std::int64_t o = u / inner, i = u % inner;
       const T* p = x + o * R * inner + i;
       T m = -std::numeric_limits<T>::infinity();
       for (std::int64_t r = 0; r < R; ++r) m = std::max(m, p[r * inner]);
@@ -155,7 +166,7 @@ void softmax_axis(const T* x, T* out, std::int64_t outer, std::int64_t R, std::i
       double s = 0;
       for (std::int64_t r = 0; r < R; ++r) s += std::exp(static_cast<double>(p[r * inner] - m));
       if constexpr (kKind == 2) {
-        out[o * inner + i] = static_cast<T>(m + std::log(s));
+        out[u] = static_cast<T>(m + std::log(s));
       } else {
         T* q = out + o * R * inner + i;
         if constexpr (kKind == 0) {
@@ -167,6 +178,7 @@ void softmax_axis(const T* x, T* out, std::int64_t outer, std::int64_t R, std::i
         }
       }
     }
+  });
 }
 
 }  // namespace chaingrad::kernels
