@@ -254,6 +254,27 @@ std::vector<Case> cases() {
                  const torch::Tensor a = torch::randn({10000, 128}), i = torch::randint(0, 10000, {1024});
                  for (auto _ : s) benchmark::DoNotOptimize(torch::index_select(a, 0, i));
                }});
+  // An embedding's backward: 1024 rows of gradient added into a 10000 x 128 table (repeats add up).
+  c.push_back({"index_add_1024_into_10000x128", Bound::Memory, 4.0 * 10000 * 128 * 2 + 8.0 * 1024 * 128,
+               [](benchmark::State& s) {
+                 const cg::Tensor a = cg::zeros({10000, 128}), g = cg::randn({1024, 128});
+                 const cg::Tensor i = cg::randint(0, 10000, {1024});
+                 for (auto _ : s) benchmark::DoNotOptimize(cg::index_add(a, 0, i, g));
+               },
+               [](benchmark::State& s) {
+                 const torch::Tensor a = torch::zeros({10000, 128}), g = torch::randn({1024, 128});
+                 const torch::Tensor i = torch::randint(0, 10000, {1024});
+                 for (auto _ : s) benchmark::DoNotOptimize(a.index_add(0, i, g));
+               }});
+  c.push_back({"argmax_dim1_1024x1000", Bound::Memory, 4.0 * 1024 * 1000,
+               [](benchmark::State& s) {
+                 const cg::Tensor a = cg::randn({1024, 1000});
+                 for (auto _ : s) benchmark::DoNotOptimize(cg::argmax(a, 1));
+               },
+               [](benchmark::State& s) {
+                 const torch::Tensor a = torch::randn({1024, 1000});
+                 for (auto _ : s) benchmark::DoNotOptimize(a.argmax(1));
+               }});
   c.push_back({"layer_norm_1024x256", Bound::Memory, 8.0 * 1024 * 256,
                [](benchmark::State& s) {
                  cg::nn::LayerNorm ln(256);

@@ -648,6 +648,23 @@ TEST(VectorMath, SoftmaxFamilyGivesTheSameBitsOnAnyThreadCount) {
   }
 }
 
+// A contiguous copy of one dtype is split across the pool from 64k elements on: every element,
+// with ragged ends, on any thread count.
+TEST(CopyKernel, ContiguousCopiesAreWholeOnAnyThreadCount) {
+  ThreadCount restore;
+  for (const cg::DType dt : {cg::DType::Float32, cg::DType::Float64}) {
+    const cg::Tensor x = cg::randn({70001}, {.dtype = dt});
+    const std::vector<double> want = x.to_vector<double>();
+    for (int threads : {3, 2, 1}) {
+      kc::set_num_threads(threads);
+      (void)cg::full({70001}, std::nan(""), {.dtype = dt});  // a freed block: an element left out shows
+      EXPECT_EQ(x.clone().to_vector<double>(), want) << cg::dtype_name(dt) << ", " << threads << " threads";
+      (void)cg::full({70001 - 3}, std::nan(""), {.dtype = dt});
+      EXPECT_EQ(x.slice(0, 3, 70001).clone().to_vector<double>(), std::vector<double>(want.begin() + 3, want.end()));
+    }
+  }
+}
+
 // index_select gathers its rows on the pool from 64k elements on: every row must be the source's,
 // on any thread count, for the first axis (an embedding lookup) and an inner one.
 TEST(CopyKernel, IndexSelectGathersTheSameRowsOnAnyThreadCount) {
@@ -667,6 +684,58 @@ TEST(CopyKernel, IndexSelectGathersTheSameRowsOnAnyThreadCount) {
       ASSERT_EQ(by_cols.select(1, j).contiguous().to_vector<float>(),
                 x.select(1, static_cast<std::int64_t>(cols.at({j}))).contiguous().to_vector<float>())
           << threads << " threads, column " << j;
+  }
+}
+
+// amax/amin/argmax/argmin cut their slices across the pool, and index_add its columns (repeated
+// indices add into one row): on any thread count the bits must be those of one thread, NaN
+// included, and index_add's sums those of the index's order.
+TEST(VectorMath, ExtremesAndIndexAddGiveTheSameBitsOnAnyThreadCount) {
+  ThreadCount restore;
+  cg::Tensor x = cg::randn({301, 3, 97}, {.dtype = cg::DType::Float64});
+  x.select(0, 7).select(0, 1).select(0, 5).fill_(std::nan(""));
+  const cg::Tensor rows = cg::randint(0, 50, {301});  // repeats
+  const cg::Tensor base = cg::randn({50, 3, 97}, {.dtype = cg::DType::Float64});
+  auto run_all = [&] {  // as bit patterns, so that NaN compares equal to itself
+    std::vector<std::vector<std::uint64_t>> r;
+    auto bits = [&](const cg::Tensor& t) {
+      const std::vector<double> v = t.to_vector<double>();
+      std::vector<std::uint64_t> b(v.size());
+      std::memcpy(b.data(), v.data(), v.size() * sizeof(double));
+      r.push_back(b);
+    };
+    for (const std::int64_t dim : {0, 1, 2}) {
+      (void)cg::full({301, 3, 97}, std::nan(""), {.dtype = cg::DType::Float64});
+      bits(cg::amax(x, {dim}));
+      bits(cg::amin(x, {dim}));
+      (void)cg::full({301, 3, 97}, -1.0, {.dtype = cg::DType::Int64});
+      bits(cg::argmax(x, dim));
+      bits(cg::argmin(x, dim));
+    }
+    (void)cg::full({50, 3, 97}, std::nan(""), {.dtype = cg::DType::Float64});
+    bits(cg::index_add(base, 0, rows, x));  // 87,591 source elements
+    return r;
+  };
+  kc::set_num_threads(1);
+  const auto want = run_all();
+  for (int threads : {2, 3}) {
+    kc::set_num_threads(threads);
+    EXPECT_EQ(run_all(), want) << threads << " threads";
+  }
+  // index_add against its definition, summed in the index's order.
+  std::vector<double> sum = base.to_vector<double>();
+  const std::vector<double> xs = x.to_vector<double>();
+  const std::vector<std::int64_t> ri = rows.to_vector<std::int64_t>();
+  for (std::size_t j = 0; j < ri.size(); ++j)
+    for (std::size_t c = 0; c < 3 * 97; ++c)
+      sum[static_cast<std::size_t>(ri[j]) * 3 * 97 + c] += xs[j * 3 * 97 + c];
+  std::vector<double> got(want.back().size());
+  std::memcpy(got.data(), want.back().data(), got.size() * sizeof(double));
+  ASSERT_EQ(got.size(), sum.size());
+  for (std::size_t i = 0; i < sum.size(); ++i) {
+    if (!(std::isnan(got[i]) && std::isnan(sum[i]))) {
+      EXPECT_EQ(got[i], sum[i]) << "element " << i;
+    }
   }
 }
 

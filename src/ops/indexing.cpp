@@ -1,4 +1,5 @@
 // Gather/scatter pairs: each is the other's adjoint, so each backward is the other op.
+#include <algorithm>
 #include <cstring>
 
 #include "kernels/cpu/parallel.hpp"
@@ -172,15 +173,24 @@ Tensor index_add(const Tensor& x, std::int64_t dim_in, const Tensor& index_in, c
   split_dims(x.shape(), dim, outer, inner);
   const std::int64_t* pi = index.data<std::int64_t>();
   for (std::int64_t j = 0; j < k; ++j) check_range(pi[j], n, "index_add", j);
+  // Repeated indices add into one row, so the threads share out columns, not source rows: unit u is
+  // outer slice u / blocks, columns of block u % blocks. Every element still takes its additions in
+  // the order of the index, so the bits do not depend on the cut (an embedding's backward).
+  const std::int64_t blocks = (inner + 15) / 16;
   dispatch_float(dt, "index_add", [&]<class T>() {
     T* po = out.data<T>();
     const T* ps = src.data<T>();
-    for (std::int64_t o = 0; o < outer; ++o)
-      for (std::int64_t j = 0; j < k; ++j) {
-        T* dst = po + (o * n + pi[j]) * inner;
-        const T* s = ps + (o * k + j) * inner;
-        for (std::int64_t i = 0; i < inner; ++i) dst[i] += s[i];
+    kernels::parallel_units(outer * blocks, outer * k * inner, [&](std::int64_t lo, std::int64_t hi) {
+      for (std::int64_t o = lo / blocks; o * blocks < hi; ++o) {
+        const std::int64_t c0 = (std::max(lo, o * blocks) - o * blocks) * 16;
+        const std::int64_t c1 = std::min(inner, (std::min(hi, (o + 1) * blocks) - o * blocks) * 16);
+        for (std::int64_t j = 0; j < k; ++j) {
+          T* dst = po + (o * n + pi[j]) * inner;
+          const T* s = ps + (o * k + j) * inner;
+          for (std::int64_t i = c0; i < c1; ++i) dst[i] += s[i];
+        }
       }
+    });
   });
   if (detail::any_requires_grad({x, src_in}))
     record("index_add", {x, src_in}, out, [dim, index](const Tensor& g, const Node& self) {

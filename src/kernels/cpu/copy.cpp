@@ -85,7 +85,15 @@ bool copy_transposed(const Tensor& src, void* dst, DType dst_dtype) {
 void copy_to(const Tensor& src, void* dst, DType dst_dtype) {
   if (src.numel() == 0) return;  // dst may be null: memcpy must not see it
   if (src.dtype() == dst_dtype && src.is_contiguous()) {
-    std::memcpy(dst, src.raw_data(), src.numel() * element_size(dst_dtype));
+    // Split from 64k elements on: one core's copy is bound by its own loads and stores, not by
+    // the memory (a clone of 5 MB: 158 us on one thread, 80 on two).
+    const std::size_t es = element_size(dst_dtype);
+    const char* from = static_cast<const char*>(src.raw_data());
+    char* to = static_cast<char*>(dst);
+    parallel_range(src.numel(), [&](std::int64_t lo, std::int64_t hi) {
+      std::memcpy(to + static_cast<std::size_t>(lo) * es, from + static_cast<std::size_t>(lo) * es,
+                  static_cast<std::size_t>(hi - lo) * es);
+    });
     return;
   }
   if (copy_transposed(src, dst, dst_dtype)) return;

@@ -120,10 +120,13 @@ void softmax_rows_float(const float* x, float* out, std::int64_t rows, std::int6
   }
 }
 
+// Each slice along the axis (u = o * inner + i) on its own, cut across the pool from
+// kParallelElements inputs on.
 template <class T, bool kMax>
 void extreme_axis(const T* x, T* out, std::int64_t* index, std::int64_t outer, std::int64_t R, std::int64_t inner) {
-  for (std::int64_t o = 0; o < outer; ++o)
-    for (std::int64_t i = 0; i < inner; ++i) {
+  parallel_units(outer * inner, outer * R * inner, [&](std::int64_t lo, std::int64_t hi) {
+    for (std::int64_t u = lo; u < hi; ++u) {
+      const std::int64_t o = u / inner, i = u % inner;
       const T* p = x + o * R * inner + i;
       T best = p[0];
       std::int64_t bi = 0;
@@ -135,9 +138,10 @@ void extreme_axis(const T* x, T* out, std::int64_t* index, std::int64_t outer, s
           bi = r;
         }
       }
-      if (out) out[o * inner + i] = best;
-      if (index) index[o * inner + i] = bi;
+      if (out) out[u] = best;
+      if (index) index[u] = bi;
     }
+  });
 }
 
 // kind 0: softmax, 1: log_softmax, 2: logsumexp (out has inner elements per outer). Each slice
