@@ -1,5 +1,8 @@
 // Matrix products. mm and bmm are the primitives (one BLAS call per matrix); matmul and the
 // batched/1-D cases are compositions of views around them.
+#include <optional>
+#include <utility>
+
 #include "kernels/cpu/gemm.hpp"
 #include "kernels/cpu/parallel.hpp"
 #include "ops/common.hpp"
@@ -17,11 +20,18 @@ struct GemmOperand {
   std::int64_t ld = 1;
 };
 
+// The layout of a rows x cols matrix with strides (s0, s1) if the BLAS can read it in place: row-major
+// (trans false) or row-major of its transpose, and the leading dimension. None: copy it first.
+std::optional<std::pair<bool, std::int64_t>> blas_layout(std::int64_t rows, std::int64_t cols, std::int64_t s0,
+                                                         std::int64_t s1) {
+  if ((s1 == 1 || cols == 1) && s0 >= std::max<std::int64_t>(cols, 1)) return std::pair{false, s0};
+  if ((s0 == 1 || rows == 1) && s1 >= std::max<std::int64_t>(rows, 1)) return std::pair{true, s1};
+  return std::nullopt;
+}
+
 GemmOperand gemm_operand(const Tensor& t) {
   const std::int64_t rows = t.shape()[0], cols = t.shape()[1];
-  const std::int64_t s0 = t.strides()[0], s1 = t.strides()[1];
-  if ((s1 == 1 || cols == 1) && s0 >= std::max<std::int64_t>(cols, 1)) return {t, false, s0};
-  if ((s0 == 1 || rows == 1) && s1 >= std::max<std::int64_t>(rows, 1)) return {t, true, s1};
+  if (const auto l = blas_layout(rows, cols, t.strides()[0], t.strides()[1])) return {t, l->first, l->second};
   Tensor c = t.detach().contiguous();
   return {c, false, std::max<std::int64_t>(cols, 1)};
 }
@@ -40,7 +50,7 @@ void mm_into(const Tensor& a, const Tensor& b, T* out, T beta) {
 }
 
 // A batch of 2-D operands as the BLAS sees them (3-D tensors): matrix i starts batch_stride
-// elements after matrix 0, each in the layout of GemmOperand.
+// elements after matrix 0, all in one layout.
 struct BatchOperand {
   Tensor keep;
   bool trans = false;
@@ -49,9 +59,8 @@ struct BatchOperand {
 
 BatchOperand batch_operand(const Tensor& t) {
   const std::int64_t rows = t.shape()[1], cols = t.shape()[2];
-  const std::int64_t s0 = t.strides()[1], s1 = t.strides()[2];
-  if ((s1 == 1 || cols == 1) && s0 >= std::max<std::int64_t>(cols, 1)) return {t, false, s0, t.strides()[0]};
-  if ((s0 == 1 || rows == 1) && s1 >= std::max<std::int64_t>(rows, 1)) return {t, true, s1, t.strides()[0]};
+  if (const auto l = blas_layout(rows, cols, t.strides()[1], t.strides()[2]))
+    return {t, l->first, l->second, t.strides()[0]};
   Tensor c = t.detach().contiguous();
   return {c, false, std::max<std::int64_t>(cols, 1), rows * cols};
 }
