@@ -195,4 +195,30 @@ static void BM_MaxPool2d(benchmark::State& state) {
 }
 BENCHMARK(BM_MaxPool2d)->Args({32, 28})->Args({64, 14})->Unit(benchmark::kMicrosecond);
 
+// A shuffled batch out of a Fashion-MNIST-sized training set (60,000 rows of 1x28x28), as
+// `chaingrad train` gathers one per step: range(0) = 0 for float32 inputs, 1 for uint8 inputs
+// standing for b / 255 (the images as stored in their file); range(1) = batch size.
+static void BM_DataLoaderBatch(benchmark::State& state) {
+  const bool bytes = state.range(0) == 1;
+  const std::int64_t B = state.range(1), rows = 60000;
+  cg::Generator gen(11);
+  std::vector<double> pixels(static_cast<std::size_t>(rows * 784));
+  for (double& p : pixels) p = static_cast<double>(gen.next_u64() % 256);
+  cg::data::Dataset ds;
+  ds.inputs = cg::from_vector(pixels, {rows, 1, 28, 28}, {.dtype = bytes ? cg::DType::UInt8 : cg::DType::Float32});
+  if (!bytes) ds.inputs.mul_(1.0 / 255.0);
+  ds.labels = cg::randint(0, 10, {rows}, &gen);
+  ds.num_classes = 10;
+  cg::data::DataLoader loader(ds, {.batch_size = B, .shuffle = true, .seed = 1});
+  std::int64_t i = 0;
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(loader.batch(i));
+    if (++i == loader.num_batches()) i = 0;
+  }
+  state.SetLabel(bytes ? "uint8" : "float32");
+  state.counters["rows/s"] = benchmark::Counter(static_cast<double>(B) * static_cast<double>(state.iterations()),
+                                                benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_DataLoaderBatch)->ArgsProduct({{0, 1}, {256, 1024}})->Unit(benchmark::kMicrosecond);
+
 BENCHMARK_MAIN();

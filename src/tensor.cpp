@@ -173,7 +173,7 @@ void check_inplace(const Tensor& t, const char* op) {
 Tensor& Tensor::fill_(double value) {
   check_inplace(*this, "fill_");
   dispatch(dtype(), [&]<class T>() {
-    const T v = static_cast<T>(value);
+    const T v = element_cast<T>(value);
     Tensor self = *this;
     if (is_contiguous()) {
       T* p = data<T>();
@@ -250,7 +250,7 @@ Tensor& Tensor::mul_(double factor) {
   if (is_contiguous()) {
     dispatch(dtype(), [&]<class T>() {
       T* p = data<T>();
-      const T f = static_cast<T>(factor);
+      const T f = element_cast<T>(factor);
       kernels::parallel_range(numel(), [&](std::int64_t lo, std::int64_t hi) {
         for (std::int64_t i = lo; i < hi; ++i) p[i] *= f;
       });
@@ -318,7 +318,7 @@ void print_rec(std::ostream& os, const Tensor& t, int d, std::int64_t off, int i
         if (is_float)
           os << std::setw(width) << std::fixed << std::setprecision(precision) << static_cast<double>(v);
         else
-          os << v;
+          os << static_cast<std::int64_t>(v);  // (a uint8 would print as a character)
       });
     } else {
       print_rec(os, t, d + 1, o, indent + 1, is_float, precision, width);
@@ -387,7 +387,7 @@ Tensor full(const Dims& shape, double value, TensorOptions opt) {
   Tensor t = empty(shape, opt.dtype);
   dispatch(opt.dtype, [&]<class T>() {
     T* p = t.data<T>();
-    std::fill(p, p + t.numel(), static_cast<T>(value));
+    std::fill(p, p + t.numel(), element_cast<T>(value));
   });
   if (opt.requires_grad) t.requires_grad_();
   return t;
@@ -410,7 +410,7 @@ Tensor arange(double start, double end, double step, TensorOptions opt) {
   Tensor t = empty({n}, opt.dtype);
   dispatch(opt.dtype, [&]<class T>() {
     T* p = t.data<T>();
-    for (std::int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(start + static_cast<double>(i) * step);
+    for (std::int64_t i = 0; i < n; ++i) p[i] = element_cast<T>(start + static_cast<double>(i) * step);
   });
   if (opt.requires_grad) t.requires_grad_();
   return t;
@@ -423,7 +423,7 @@ Tensor linspace(double start, double end, std::int64_t steps, TensorOptions opt)
   dispatch(opt.dtype, [&]<class T>() {
     T* p = t.data<T>();
     for (std::int64_t i = 0; i < steps; ++i)
-      p[i] = static_cast<T>(i + 1 == steps && steps > 1 ? end : start + h * static_cast<double>(i));
+      p[i] = element_cast<T>(i + 1 == steps && steps > 1 ? end : start + h * static_cast<double>(i));
   });
   if (opt.requires_grad) t.requires_grad_();
   return t;
@@ -449,7 +449,7 @@ Tensor from_values(std::span<const S> values, const Dims& shape_in, DType dtype,
   Tensor t = empty(shape, dtype);
   dispatch(dtype, [&]<class T>() {
     T* p = t.data<T>();
-    for (std::size_t i = 0; i < values.size(); ++i) p[i] = static_cast<T>(values[i]);
+    for (std::size_t i = 0; i < values.size(); ++i) p[i] = element_cast<T>(values[i]);
   });
   if (requires_grad) t.requires_grad_();
   return t;

@@ -211,6 +211,103 @@ TEST(Idx, LoadIdxFindsTrainAndTestFilesPlainOrGzip) {
   EXPECT_EQ(test.inputs.data<float>()[3], scaled(9));
 }
 
+// ---- IDX images kept as bytes ----
+
+// A train/test pair of random images, 9 x 13 (117 bytes a row: eight lanes and a tail of five).
+struct ByteFiles {
+  TempDir dir;
+  std::vector<std::uint8_t> pixels;
+  explicit ByteFiles(std::uint32_t n = 1200) {
+    std::mt19937 gen(5);
+    pixels.resize(static_cast<std::size_t>(n) * 117);
+    for (auto& p : pixels) p = static_cast<std::uint8_t>(gen() & 0xff);
+    pixels[0] = 0;
+    pixels[1] = 255;
+    std::vector<std::uint8_t> labels(n);
+    for (std::uint32_t i = 0; i < n; ++i) labels[i] = static_cast<std::uint8_t>(i % 10);
+    write_bytes(dir.file("train-images-idx3-ubyte.gz"), gzip_stored(idx_bytes({n, 9, 13}, pixels)));
+    write_bytes(dir.file("train-labels-idx1-ubyte"), idx_bytes({n}, labels));
+    write_bytes(dir.file("t10k-images-idx3-ubyte"), idx_bytes({n, 9, 13}, pixels));
+    write_bytes(dir.file("t10k-labels-idx1-ubyte.gz"), gzip_stored(idx_bytes({n}, labels)));
+  }
+};
+
+std::vector<float> floats_of(const cg::Tensor& t) {
+  const cg::Tensor c = t.contiguous();
+  return {c.data<float>(), c.data<float>() + c.numel()};
+}
+
+TEST(ByteDatasets, KeepTheFileBytesAndStandForTheFloatsOfAFloatDataset) {
+  ByteFiles files;
+  for (bool train : {true, false}) {  // (the training images are gzip'd, the test images plain)
+    const cd::Dataset f = cd::load_idx(files.dir.str(), train);
+    const cd::Dataset b = cd::load_idx(files.dir.str(), train, /*keep_bytes=*/true);
+    ASSERT_TRUE(b.holds_bytes());
+    EXPECT_FALSE(f.holds_bytes());
+    EXPECT_EQ(b.inputs.shape(), (cg::Dims{1200, 1, 9, 13}));
+    EXPECT_EQ(b.num_classes, 10);
+    const std::uint8_t* p = b.inputs.contiguous().data<std::uint8_t>();
+    EXPECT_EQ(std::vector<std::uint8_t>(p, p + b.inputs.numel()), files.pixels);
+    EXPECT_EQ(floats_of(cd::float_inputs(b)), floats_of(f.inputs));
+    EXPECT_EQ(floats_of(cd::float_inputs(b, 7, 9)), floats_of(f.inputs.slice(0, 7, 9)));
+  }
+}
+
+TEST(ByteDatasets, BatchesMatchAFloatDatasetBeforeAndAfterNormalizingOnAnyThreadCount) {
+  ByteFiles files;
+  cd::Dataset f = cd::load_idx(files.dir.str(), true);
+  cd::Dataset b = cd::load_idx(files.dir.str(), true, /*keep_bytes=*/true);
+  const int saved = cg::get_num_threads();
+  auto compare = [&] {
+    // 700 rows of 117 floats: the pool gathers them; 33 rows: the calling thread alone.
+    for (std::int64_t batch : {700, 33}) {
+      cd::DataLoader lf(f, {.batch_size = batch, .shuffle = true, .seed = 9});
+      cd::DataLoader lb(b, {.batch_size = batch, .shuffle = true, .seed = 9});
+      for (int threads : {1, 2, 3}) {
+        cg::set_num_threads(threads);
+        for (std::int64_t i : {std::int64_t{0}, lf.num_batches() - 1}) {
+          const cd::Batch x = lf.batch(i), y = lb.batch(i);
+          EXPECT_EQ(y.inputs.dtype(), cg::DType::Float32);
+          EXPECT_EQ(y.inputs.shape(), x.inputs.shape());
+          EXPECT_EQ(floats_of(y.inputs), floats_of(x.inputs)) << "batch " << batch << ", threads " << threads;
+          EXPECT_EQ(y.labels.to_vector<std::int64_t>(), x.labels.to_vector<std::int64_t>());
+        }
+      }
+      cg::set_num_threads(saved);
+    }
+  };
+  compare();
+  // The histogram's statistics agree with the float path's to double rounding, and give the same
+  // float32 mean and scale.
+  const cd::Normalization nf = cd::compute_normalization(f), nb = cd::compute_normalization(b);
+  EXPECT_NEAR(nb.mean, nf.mean, 1e-12 * nf.mean);
+  EXPECT_NEAR(nb.std, nf.std, 1e-12 * nf.std);
+  EXPECT_EQ(static_cast<float>(nb.mean), static_cast<float>(nf.mean));
+  EXPECT_EQ(static_cast<float>(1.0 / nb.std), static_cast<float>(1.0 / nf.std));
+  cd::normalize_(f, nf);
+  cd::normalize_(b, nf);
+  EXPECT_EQ(b.byte_scaling.mean, static_cast<float>(nf.mean));
+  compare();
+  EXPECT_EQ(floats_of(cd::float_inputs(b)), floats_of(f.inputs));
+  // A second normalization would round differently from float inputs, so it is refused.
+  expect_error<cg::ValueError>([&] { cd::normalize_(b, nf); }, {"normalized already"});
+}
+
+TEST(ByteDatasets, BadRowsAndScalingAreClearErrors) {
+  ByteFiles files(20);
+  cd::Dataset b = cd::load_idx(files.dir.str(), true, /*keep_bytes=*/true);
+  const std::vector<std::int64_t> rows{3, 20};
+  expect_error<cg::ValueError>([&] { cd::gather_rows(b, rows); }, {"gather_rows", "row 20", "entry 1", "20 samples"});
+  expect_error<cg::ValueError>([&] { cd::float_inputs(b, 5, 21); }, {"float_inputs", "[5, 21)", "20 samples"});
+  b.byte_scaling.divisor = 0.0f;
+  expect_error<cg::ValueError>([&] { cd::DataLoader loader(b); }, {"DataLoader", "divisor"});
+  b.byte_scaling.divisor = 255.0f;
+  const cd::Batch x = cd::gather_rows(b, std::vector<std::int64_t>{19, 0});
+  EXPECT_EQ(x.labels.to_vector<std::int64_t>(), (std::vector<std::int64_t>{9, 0}));
+  EXPECT_EQ(x.inputs.data<float>()[117], 0.0f);  // row 0's first byte
+  EXPECT_EQ(x.inputs.data<float>()[118], 1.0f);  // and its second, 255
+}
+
 // ---- IDX: malformed files ----
 
 TEST(IdxErrors, MissingFileNamesThePath) {

@@ -696,3 +696,23 @@ TEST(DistributedCli, WithoutMpiDistributedIsAClearError) {
   EXPECT_NE(o.status, 0);
   EXPECT_NE(o.output.find("error: distributed: this chaingrad was built without MPI"), std::string::npos) << o.output;
 }
+
+// A byte dataset's shards and local batches hold the floats of the same dataset as float32.
+TEST(DistributedSampler, ByteInputsGiveTheFloatsOfFloatInputs) {
+  cg::data::Dataset bytes = make_dataset(61, 10, 3, cg::DType::Float32);
+  std::vector<double> pixels(61 * 10);
+  for (std::size_t i = 0; i < pixels.size(); ++i) pixels[i] = static_cast<double>((i * 37) % 256);
+  bytes.inputs = cg::from_vector(pixels, {61, 10}, {.dtype = cg::DType::UInt8});
+  bytes.byte_scaling = {.divisor = 255.0f, .mean = 0.25f, .scale = 4.0f};
+  cg::data::Dataset floats = bytes;
+  floats.inputs = cg::data::float_inputs(bytes).contiguous();
+  cg::data::DataLoader loader(floats, {.batch_size = 12, .shuffle = true, .seed = 2});
+  for (int r = 0; r < 3; ++r) {
+    const dist::DistributedSampler sb(bytes, loader, r, 3), sf(floats, loader, r, 3);
+    for (std::int64_t b = 0; b < loader.num_batches(); ++b)
+      EXPECT_EQ(sb.batch(b).batch.inputs.to_vector<float>(), sf.batch(b).batch.inputs.to_vector<float>());
+    const cg::data::Dataset part = dist::shard(bytes, r, 3);
+    EXPECT_TRUE(part.holds_bytes());
+    EXPECT_EQ(cg::data::float_inputs(part).to_vector<float>(), dist::shard(floats, r, 3).inputs.to_vector<float>());
+  }
+}

@@ -209,6 +209,7 @@ TEST(Safetensors, RoundTripsEveryDtypeViewsAndMetadata) {
       {"transposed", base.t()},
       {"d", cg::from_vector(std::span<const double>(dv), {4}, {.dtype = cg::DType::Float64})},
       {"idx", cg::from_vector(std::span<const std::int64_t>(iv), {2, 2})},
+      {"bytes", cg::from_vector(std::vector<double>{0, 7, 255}, {3}, {.dtype = cg::DType::UInt8})},
       {"scalar", cg::scalar(2.5)},
       {"empty", cg::zeros({0, 5})},
   };
@@ -232,7 +233,8 @@ TEST(Safetensors, RoundTripsEveryDtypeViewsAndMetadata) {
   // Layout: 8-byte elements first (stable), so every tensor starts aligned to its element size.
   std::vector<std::string> order;
   for (const auto& [name, _] : f.tensors) order.push_back(name);
-  EXPECT_EQ(order, (std::vector<std::string>{"d", "idx", "scalar", "odd", "layers.0.weight", "transposed", "empty"}));
+  EXPECT_EQ(order,
+            (std::vector<std::string>{"d", "idx", "scalar", "odd", "layers.0.weight", "transposed", "empty", "bytes"}));
   const std::string bytes = read_all(p);
   const std::uint64_t header_len = read_le64(bytes);
   EXPECT_EQ(header_len % 8, 0u);
@@ -240,7 +242,8 @@ TEST(Safetensors, RoundTripsEveryDtypeViewsAndMetadata) {
   const std::string header = bytes.substr(8, header_len);
   EXPECT_NE(header.find("\"__metadata__\""), std::string::npos);
   EXPECT_NE(header.find("\"dtype\":\"I64\""), std::string::npos);
-  EXPECT_EQ(bytes.size(), 8 + header_len + 4 * 8 + 4 * 8 + 8 + 3 * 4 + 6 * 4 + 6 * 4);
+  EXPECT_NE(header.find("\"dtype\":\"U8\""), std::string::npos);
+  EXPECT_EQ(bytes.size(), 8 + header_len + 4 * 8 + 4 * 8 + 8 + 3 * 4 + 6 * 4 + 6 * 4 + 3);
 }
 
 TEST(Safetensors, OverwritesAtomicallyAndRejectsBadInput) {

@@ -16,6 +16,7 @@
 #include "chaingrad/error.hpp"
 #include "chaingrad/ops.hpp"
 #include "chaingrad/tensor.hpp"
+#include "kernels/cpu/bytes.hpp"
 #include "kernels/cpu/gemm.hpp"
 #include "kernels/cpu/parallel.hpp"
 #include "kernels/cpu/sgemm_thin.hpp"
@@ -857,4 +858,28 @@ TEST(FusedOps, BatchNormMatchesItsComposition) {
     }
   EXPECT_THROW(cg::batch_norm(cg::randn({1, 3}), {}, {}, 1e-5), cg::ValueError);
   EXPECT_THROW(cg::batch_norm(cg::randn({4, 3}), cg::randn({4}), {}, 1e-5), cg::ShapeError);
+}
+
+// Bytes to floats: every byte, in each of the eight lanes and in the tail, gives the floats of
+// dividing first and normalizing afterwards (read_idx_images, then normalize_), on both paths.
+TEST(Bytes, ConvertToTheFloatsOfDividingThenNormalizingInEveryLane) {
+  std::vector<std::uint8_t> src(256 + 13);
+  for (std::size_t i = 0; i < src.size(); ++i) src[i] = static_cast<std::uint8_t>((i * 7 + 3) & 0xff);
+  const float scalings[][3] = {{255.0f, 0.0f, 1.0f}, {255.0f, 0.2860402f, 2.8274617f}, {3.0f, -1.5f, 0.125f}};
+  for (const auto& sc : scalings) {
+    for (std::size_t n : {std::size_t{0}, std::size_t{5}, std::size_t{8}, std::size_t{13}, src.size()}) {
+      std::vector<float> fast(n, NAN), slow(n, NAN), expect(n);
+      for (std::size_t i = 0; i < n; ++i) {
+        // (what read_idx_images stores for a byte, then normalize_'s arithmetic)
+        const float x = sc[0] == 255.0f ? static_cast<float>(src[i] / 255.0) : static_cast<float>(src[i]) / sc[0];
+        expect[i] = (x - sc[1]) * sc[2];
+      }
+      kc::bytes_to_floats(src.data(), sc[0], sc[1], sc[2], fast.data(), static_cast<std::int64_t>(n));
+      kc::bytes_to_floats_scalar(src.data(), sc[0], sc[1], sc[2], slow.data(), static_cast<std::int64_t>(n));
+      for (std::size_t i = 0; i < n; ++i) {
+        EXPECT_EQ(std::memcmp(&fast[i], &expect[i], 4), 0) << "byte " << int{src[i]} << " at " << i << " of " << n;
+        EXPECT_EQ(std::memcmp(&slow[i], &expect[i], 4), 0) << "byte " << int{src[i]} << " at " << i << " of " << n;
+      }
+    }
+  }
 }

@@ -1,5 +1,6 @@
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <thread>
 #include <vector>
 
@@ -214,3 +215,39 @@ TEST(Matmul, MatchesNaiveProduct) {
   EXPECT_TRUE(cg::allclose(cg::matmul(b.t(), a.t()), c.t(), 1e-12, 1e-12));
   EXPECT_EQ(cg::matmul(cg::zeros({3, 2, 5, 7}), cg::zeros({7, 4})).shape(), (cg::Dims{3, 2, 5, 4}));
 }
+
+// uint8 holds bytes: made, converted, gathered, copied and printed.
+TEST(UInt8, HoldsBytesThatConvertGatherAndPrint) {
+  const std::vector<double> v{0, 1, 254.6, 255, 300, -4, NAN};
+  const Tensor u = cg::from_vector(v, {7}, {.dtype = cg::DType::UInt8});
+  EXPECT_EQ(u.dtype(), cg::DType::UInt8);
+  EXPECT_EQ(cg::element_size(cg::DType::UInt8), 1u);
+  EXPECT_FALSE(cg::is_floating(cg::DType::UInt8));
+  // Into uint8 a float saturates, NaN gives 0 (a plain cast would be undefined).
+  EXPECT_EQ(u.to_vector<std::int64_t>(), (std::vector<std::int64_t>{0, 1, 254, 255, 255, 0, 0}));
+  EXPECT_DOUBLE_EQ(u.at({3}), 255.0);
+  EXPECT_EQ(u.to(cg::DType::Float32).to_vector<float>(), (std::vector<float>{0, 1, 254, 255, 255, 0, 0}));
+  EXPECT_EQ(cg::full({2}, 1e9, {.dtype = cg::DType::UInt8}).to_vector<std::int64_t>(), (std::vector<std::int64_t>{255, 255}));
+  EXPECT_EQ(u.to_string(), "tensor([0, 1, 254, 255, 255, 0, 0], dtype=uint8)");
+  EXPECT_EQ(cg::promote(cg::DType::UInt8, cg::DType::Float32), cg::DType::Float32);
+  EXPECT_EQ(cg::promote(cg::DType::UInt8, cg::DType::Int64), cg::DType::Int64);
+
+  const Tensor img = cg::arange(0, 12, 1, {.dtype = cg::DType::UInt8}).reshape({3, 4});
+  const Tensor rows = cg::index_select(img, 0, cg::from_vector(std::vector<std::int64_t>{2, 0}, {2}));
+  EXPECT_EQ(rows.to_vector<std::int64_t>(), (std::vector<std::int64_t>{8, 9, 10, 11, 0, 1, 2, 3}));
+  EXPECT_EQ(img.t().contiguous().to_vector<std::int64_t>(),
+            (std::vector<std::int64_t>{0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11}));
+
+  // Arithmetic on integers computes in float32, as for int64.
+  const Tensor sum = cg::add(img, img);
+  EXPECT_EQ(sum.dtype(), cg::DType::Float32);
+  EXPECT_DOUBLE_EQ(sum.at({2, 3}), 22.0);
+  try {
+    cg::matmul(img, img.t());
+    FAIL() << "expected a TypeError";
+  } catch (const cg::TypeError& e) {
+    EXPECT_NE(std::string(e.what()).find("uint8"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(cg::zeros({2}, {.dtype = cg::DType::UInt8, .requires_grad = true}), cg::TypeError);
+}
+

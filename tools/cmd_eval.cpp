@@ -23,8 +23,8 @@ struct EvalOptions {
 void run_eval(const EvalOptions& o) {
   cli::CheckpointInfo info;
   auto model = cli::load_checkpoint(o.checkpoint, info, o.model);
-  cg::data::Dataset test = cg::data::load_idx(o.data_dir, false);
-  cg::data::normalize_(test.inputs, info.norm);
+  cg::data::Dataset test = cg::data::load_idx(o.data_dir, false, /*keep_bytes=*/true);
+  cg::data::normalize_(test, info.norm);
   const std::int64_t classes = info.num_classes ? info.num_classes : test.num_classes;
   const cli::Evaluation ev = cli::evaluate(*model, test, classes);
   if (o.json) {
@@ -88,10 +88,10 @@ void run_predict(const PredictOptions& o) {
   cg::Tensor x;
   std::int64_t label = -1;
   if (o.index >= 0) {
-    cg::data::Dataset test = cg::data::load_idx(o.data_dir, false);
+    cg::data::Dataset test = cg::data::load_idx(o.data_dir, false, /*keep_bytes=*/true);
     CG_CHECK(o.index < test.size(), ValueError, "predict: --index ", o.index, " is out of range; the test set has ",
              test.size(), " samples");
-    x = cg::contiguous(test.inputs.slice(0, o.index, o.index + 1));
+    x = cg::data::float_inputs(test, o.index, o.index + 1);
     label = static_cast<std::int64_t>(test.labels.at({o.index}));
   } else {
     x = load_image(o.image, info.input_shape);

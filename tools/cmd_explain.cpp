@@ -121,10 +121,10 @@ void run_network(const ExplainArgs& a) {
     }
   }
   CG_CHECK(found, ValueError, "explain: --param ", a.param, " does not name a linear layer of '", info.spec, "'");
-  cg::data::Dataset test = cg::data::load_idx(a.data_dir, false);
+  cg::data::Dataset test = cg::data::load_idx(a.data_dir, false, /*keep_bytes=*/true);
   CG_CHECK(a.input >= 0 && a.input < test.size(), ValueError, "explain: --input ", a.input,
            " is out of range; the test set has ", test.size(), " samples");
-  cg::Tensor x = cg::contiguous(test.inputs.slice(0, a.input, a.input + 1));
+  cg::Tensor x = cg::data::float_inputs(test, a.input, a.input + 1);
   cg::data::normalize_(x, info.norm);
   const std::int64_t label = static_cast<std::int64_t>(test.labels.at({a.input}));
   const cg::Tensor target = cg::from_vector(std::vector<std::int64_t>{label}, {1});

@@ -207,7 +207,7 @@ class DistributedSampler {
 
  private:
   const data::DataLoader* loader_;
-  Tensor inputs_, labels_;
+  data::Dataset source_;  // the dataset's tensors, contiguous
   int rank_, world_;
 };
 

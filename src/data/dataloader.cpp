@@ -1,6 +1,7 @@
 // Input normalization and the DataLoader. Batches are built by copying whole rows (one memcpy
 // per example) out of the contiguous dataset tensors, so the cost per batch is bandwidth only.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -10,6 +11,7 @@
 
 #include "chaingrad/data.hpp"
 #include "chaingrad/error.hpp"
+#include "kernels/cpu/bytes.hpp"
 #include "kernels/cpu/parallel.hpp"
 #include "kernels/cpu/reduce.hpp"
 
@@ -45,6 +47,71 @@ constexpr std::size_t kLookaheadBytes = 8 * 64;
 std::size_t row_bytes(const Tensor& t) {
   const std::int64_t n = t.size(0);
   return n == 0 ? 0 : static_cast<std::size_t>(t.numel() / n) * element_size(t.dtype());
+}
+
+void check_scaling(const ByteScaling& b, const char* op) {
+  CG_CHECK(std::isfinite(b.divisor) && b.divisor != 0.0f && std::isfinite(b.mean) && std::isfinite(b.scale), ValueError,
+           op, ": byte_scaling must be finite with a non-zero divisor; got divisor ", b.divisor, ", mean ", b.mean,
+           ", scale ", b.scale);
+}
+
+void check_source(const Dataset& d, const char* op) {
+  CG_CHECK(d.inputs.defined() && d.labels.defined(), ValueError, op, ": the dataset must have both inputs and labels");
+  CG_CHECK(d.inputs.dim() >= 1 && d.labels.dim() >= 1 && d.inputs.size(0) == d.labels.size(0), ShapeError, op,
+           ": inputs and labels must have the same first dimension; got ", d.inputs.shape(), " and ",
+           d.labels.shape());
+  if (d.holds_bytes()) check_scaling(d.byte_scaling, op);
+}
+
+// The rows `rows` of a dataset whose tensors are contiguous; the rows are known to be in range.
+Batch gather_contiguous(const Dataset& d, std::span<const std::int64_t> rows) {
+  const auto b = static_cast<std::int64_t>(rows.size());
+  const bool bytes = d.holds_bytes();
+  Dims in_shape = d.inputs.shape();
+  in_shape[0] = b;
+  Dims lab_shape = d.labels.shape();
+  lab_shape[0] = b;
+  Batch out{empty(in_shape, bytes ? DType::Float32 : d.inputs.dtype()), empty(lab_shape, d.labels.dtype())};
+
+  const std::size_t in_row = row_bytes(d.inputs);
+  const std::size_t out_row = row_bytes(out.inputs);
+  const std::size_t lab_row = row_bytes(d.labels);
+  const auto* in_src = static_cast<const char*>(d.inputs.raw_data());
+  const auto* lab_src = static_cast<const char*>(d.labels.raw_data());
+  auto* in_dst = static_cast<char*>(out.inputs.raw_data());
+  auto* lab_dst = static_cast<char*>(out.labels.raw_data());
+  const ByteScaling& scaling = d.byte_scaling;
+  const auto copy_rows = [&](std::int64_t lo, std::int64_t hi) {
+    for (std::int64_t r = lo; r < hi; ++r) {
+      // Shuffled rows are too far apart for the hardware prefetcher, which only learns a row after
+      // its first misses.
+      if (r + kLookahead < hi) {
+        const char* ahead = in_src + static_cast<std::size_t>(rows[static_cast<std::size_t>(r + kLookahead)]) * in_row;
+        for (std::size_t off = 0; off < std::min(in_row, kLookaheadBytes); off += 64) __builtin_prefetch(ahead + off);
+      }
+      const auto src_row = static_cast<std::size_t>(rows[static_cast<std::size_t>(r)]);
+      const auto dst_row = static_cast<std::size_t>(r);
+      if (bytes) {
+        kernels::bytes_to_floats(reinterpret_cast<const std::uint8_t*>(in_src + src_row * in_row), scaling.divisor,
+                                 scaling.mean, scaling.scale, reinterpret_cast<float*>(in_dst + dst_row * out_row),
+                                 static_cast<std::int64_t>(in_row));
+      } else {
+        std::memcpy(in_dst + dst_row * in_row, in_src + src_row * in_row, in_row);
+      }
+      std::memcpy(lab_dst + dst_row * lab_row, lab_src + src_row * lab_row, lab_row);
+    }
+  };
+  // The rows come from all over the dataset (shuffled), so the copy waits on memory: a large batch
+  // is gathered by all threads of the pool, each a range of rows (the result is the same).
+  const int parts = static_cast<std::size_t>(b) * out_row < kParallelGatherBytes
+                        ? 1
+                        : static_cast<int>(std::min<std::int64_t>(kernels::num_threads(), b));
+  if (parts <= 1) {
+    copy_rows(0, b);
+  } else {
+    kernels::parallel_for(parts, [&](int p) { copy_rows(b * p / parts, b * (p + 1) / parts); });
+  }
+  return out;
 }
 
 }  // namespace
@@ -112,21 +179,67 @@ void normalize_(Tensor& inputs, Normalization norm) {
   inputs.bump_version();
 }
 
+Normalization compute_normalization(const Dataset& dataset) {
+  if (!dataset.holds_bytes()) return compute_normalization(dataset.inputs);
+  CG_CHECK(dataset.inputs.numel() > 0, ValueError, "compute_normalization: expected a non-empty dataset; got inputs of shape ",
+           dataset.inputs.shape());
+  check_scaling(dataset.byte_scaling, "compute_normalization");
+  const Tensor x = dataset.inputs.detach().contiguous();
+  const std::uint8_t* p = x.data<std::uint8_t>();
+  const auto n = static_cast<std::size_t>(x.numel());
+  // Each thread counts its share into a histogram of its own; the counts are exact.
+  const int parts = static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(kernels::num_threads()),
+                                                           std::max<std::size_t>(1, n >> 20)));
+  std::vector<std::array<std::uint64_t, 256>> counts(static_cast<std::size_t>(parts));
+  kernels::parallel_for(parts, [&](int t) {
+    std::array<std::uint64_t, 256>& c = counts[static_cast<std::size_t>(t)];
+    c.fill(0);
+    const std::size_t lo = n * static_cast<std::size_t>(t) / static_cast<std::size_t>(parts);
+    const std::size_t hi = n * static_cast<std::size_t>(t + 1) / static_cast<std::size_t>(parts);
+    for (std::size_t i = lo; i < hi; ++i) ++c[p[i]];
+  });
+  std::array<float, 256> v{};
+  for (std::size_t b = 0; b < 256; ++b) v[b] = dataset.byte_scaling(static_cast<std::uint8_t>(b));
+  std::array<double, 256> weight{};
+  for (const auto& c : counts)
+    for (std::size_t b = 0; b < 256; ++b) weight[b] += static_cast<double>(c[b]);
+  double sum = 0.0;
+  for (std::size_t b = 0; b < 256; ++b) sum += weight[b] * static_cast<double>(v[b]);
+  const double mean = sum / static_cast<double>(n);
+  double sq = 0.0;
+  for (std::size_t b = 0; b < 256; ++b) {
+    const double d = static_cast<double>(v[b]) - mean;
+    sq += weight[b] * d * d;
+  }
+  const double sd = std::sqrt(sq / static_cast<double>(n));
+  return Normalization{mean, sd > 0.0 ? sd : 1.0};
+}
+
+void normalize_(Dataset& dataset, Normalization n) {
+  if (!dataset.holds_bytes()) return normalize_(dataset.inputs, n);
+  ByteScaling& b = dataset.byte_scaling;
+  check_scaling(b, "normalize_");
+  CG_CHECK(b.mean == 0.0f && b.scale == 1.0f, ValueError,
+           "normalize_: this byte dataset is normalized already (mean ", b.mean, ", scale ", b.scale,
+           "); bytes take one normalization, since a second would round differently from float inputs");
+  CG_CHECK(std::isfinite(n.mean) && std::isfinite(n.std) && n.std > 0.0, ValueError,
+           "normalize_: std must be positive and both values finite; got mean ", n.mean, ", std ", n.std);
+  // What normalize_ subtracts from and multiplies float inputs by, so the floats come out the same.
+  b.mean = static_cast<float>(n.mean);
+  b.scale = static_cast<float>(1.0 / n.std);
+}
+
 // ---- DataLoader ----
 
 DataLoader::DataLoader(const Dataset& dataset, Options options) : options_(options) {
-  CG_CHECK(dataset.inputs.defined() && dataset.labels.defined(), ValueError,
-           "DataLoader: the dataset must have both inputs and labels");
-  CG_CHECK(dataset.inputs.dim() >= 1 && dataset.labels.dim() >= 1 &&
-               dataset.inputs.size(0) == dataset.labels.size(0),
-           ShapeError, "DataLoader: inputs and labels must have the same first dimension; got ",
-           dataset.inputs.shape(), " and ", dataset.labels.shape());
+  check_source(dataset, "DataLoader");
   CG_CHECK(options.batch_size > 0, ValueError, "DataLoader: batch_size must be positive; got ",
            options.batch_size);
   // Row copies need contiguous rows; a view is materialized once here rather than per batch.
-  inputs_ = dataset.inputs.detach().contiguous();
-  labels_ = dataset.labels.detach().contiguous();
-  n_ = inputs_.size(0);
+  source_ = dataset;
+  source_.inputs = dataset.inputs.detach().contiguous();
+  source_.labels = dataset.labels.detach().contiguous();
+  n_ = source_.inputs.size(0);
   set_epoch(0);
 }
 
@@ -155,43 +268,38 @@ Batch DataLoader::batch(std::int64_t i) const {
   CG_CHECK(i >= 0 && i < nb, ValueError, "DataLoader::batch: index must be in [0, ", nb, "); got ", i);
   const std::int64_t begin = i * options_.batch_size;
   const std::int64_t b = std::min(options_.batch_size, n_ - begin);
+  return gather_contiguous(source_, std::span<const std::int64_t>(order_).subspan(static_cast<std::size_t>(begin),
+                                                                                  static_cast<std::size_t>(b)));
+}
 
-  Dims in_shape = inputs_.shape();
-  in_shape[0] = b;
-  Dims lab_shape = labels_.shape();
-  lab_shape[0] = b;
-  Batch out{empty(in_shape, inputs_.dtype()), empty(lab_shape, labels_.dtype())};
+Batch gather_rows(const Dataset& dataset, std::span<const std::int64_t> rows) {
+  check_source(dataset, "gather_rows");
+  const std::int64_t n = dataset.inputs.size(0);
+  for (std::size_t r = 0; r < rows.size(); ++r)
+    CG_CHECK(rows[r] >= 0 && rows[r] < n, ValueError, "gather_rows: row ", rows[r], " (entry ", r,
+             ") is out of range for a dataset of ", n, " samples");
+  Dataset source = dataset;
+  source.inputs = dataset.inputs.detach().contiguous();
+  source.labels = dataset.labels.detach().contiguous();
+  return gather_contiguous(source, rows);
+}
 
-  const std::size_t in_row = row_bytes(inputs_);
-  const std::size_t lab_row = row_bytes(labels_);
-  const auto* in_src = static_cast<const char*>(inputs_.raw_data());
-  const auto* lab_src = static_cast<const char*>(labels_.raw_data());
-  auto* in_dst = static_cast<char*>(out.inputs.raw_data());
-  auto* lab_dst = static_cast<char*>(out.labels.raw_data());
-  const auto copy_rows = [&](std::int64_t lo, std::int64_t hi) {
-    for (std::int64_t r = lo; r < hi; ++r) {
-      // Shuffled rows are too far apart for the hardware prefetcher, which only learns a row after
-      // its first misses.
-      if (r + kLookahead < hi) {
-        const char* ahead = in_src + static_cast<std::size_t>(order_[static_cast<std::size_t>(begin + r + kLookahead)]) * in_row;
-        for (std::size_t off = 0; off < std::min(in_row, kLookaheadBytes); off += 64) __builtin_prefetch(ahead + off);
-      }
-      const auto src_row = static_cast<std::size_t>(order_[static_cast<std::size_t>(begin + r)]);
-      const auto dst_row = static_cast<std::size_t>(r);
-      std::memcpy(in_dst + dst_row * in_row, in_src + src_row * in_row, in_row);
-      std::memcpy(lab_dst + dst_row * lab_row, lab_src + src_row * lab_row, lab_row);
-    }
-  };
-  // The rows come from all over the dataset (shuffled), so the copy waits on memory: a large batch
-  // is gathered by all threads of the pool, each a range of rows (the result is the same).
-  const int parts = static_cast<std::size_t>(b) * in_row < kParallelGatherBytes
-                        ? 1
-                        : static_cast<int>(std::min<std::int64_t>(kernels::num_threads(), b));
-  if (parts <= 1) {
-    copy_rows(0, b);
-  } else {
-    kernels::parallel_for(parts, [&](int p) { copy_rows(b * p / parts, b * (p + 1) / parts); });
-  }
+Tensor float_inputs(const Dataset& dataset, std::int64_t begin, std::int64_t end) {
+  CG_CHECK(dataset.inputs.defined() && dataset.inputs.dim() >= 1, ValueError,
+           "float_inputs: the dataset has no inputs");
+  const std::int64_t n = dataset.inputs.size(0);
+  CG_CHECK(0 <= begin && begin <= end && end <= n, ValueError, "float_inputs: rows [", begin, ", ", end,
+           ") are not within the dataset's ", n, " samples");
+  if (!dataset.holds_bytes()) return dataset.inputs.slice(0, begin, end);
+  const ByteScaling& b = dataset.byte_scaling;
+  check_scaling(b, "float_inputs");
+  const Tensor bytes = dataset.inputs.detach().slice(0, begin, end).contiguous();
+  Tensor out = empty(bytes.shape(), DType::Float32);
+  const std::uint8_t* src = bytes.data<std::uint8_t>();
+  float* dst = out.data<float>();
+  kernels::parallel_range(bytes.numel(), [&](std::int64_t lo, std::int64_t hi) {
+    kernels::bytes_to_floats(src + lo, b.divisor, b.mean, b.scale, dst + lo, hi - lo);
+  });
   return out;
 }
 

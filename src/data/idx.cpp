@@ -302,16 +302,31 @@ Tensor widened(const IdxArray& a, const Dims& shape, DType dtype) {
   return a.whole.storage.slice(0, h, h + static_cast<std::int64_t>(a.size())).view(shape);
 }
 
+// A table of correctly rounded b/255 gives the same floats as numpy's (x / 255).astype(f32).
+std::array<float, 256> pixel_values() {
+  std::array<float, 256> scale{};
+  for (int b = 0; b < 256; ++b) scale[b] = static_cast<float>(b / 255.0);
+  return scale;
+}
+
 }  // namespace
+
+Tensor read_idx_bytes(const std::string& path) {
+  IdxArray a = read_idx(path, "read_idx_bytes", DType::UInt8);
+  Dims shape(a.dims);
+  if (shape.size() == 3) shape.insert(1, 1);  // [N, H, W] -> [N, 1, H, W]
+  Tensor out = widened(a, shape, DType::UInt8);
+  std::uint8_t* dst = out.data<std::uint8_t>();
+  if (dst != a.data()) std::memcpy(dst, a.data(), a.size());  // (read in place unless zlib streamed it)
+  return out;
+}
 
 Tensor read_idx_images(const std::string& path) {
   IdxArray a = read_idx(path, "read_idx_images", DType::Float32);
   Dims shape(a.dims);
   if (shape.size() == 3) shape.insert(1, 1);  // [N, H, W] -> [N, 1, H, W]
   Tensor out = widened(a, shape, DType::Float32);
-  // A table of correctly rounded b/255 gives the same floats as numpy's (x / 255).astype(f32).
-  std::array<float, 256> scale{};
-  for (int b = 0; b < 256; ++b) scale[b] = static_cast<float>(b / 255.0);
+  const std::array<float, 256> scale = pixel_values();
   float* dst = out.data<float>();
   const std::uint8_t* src = a.data();  // (may lie in dst's storage, ahead of it: front to back is safe)
   const std::size_t n = a.size();
@@ -330,7 +345,7 @@ Tensor read_idx_labels(const std::string& path) {
   return out;
 }
 
-Dataset load_idx(const std::string& dir, bool train) {
+Dataset load_idx(const std::string& dir, bool train, bool keep_bytes) {
   const std::string prefix = train ? "train" : "t10k";
   const std::string images_stem = prefix + "-images-idx3-ubyte";
   const std::string labels_stem = prefix + "-labels-idx1-ubyte";
@@ -346,7 +361,11 @@ Dataset load_idx(const std::string& dir, bool train) {
            join_path(dir, labels_stem + ".gz"), hint);
 
   Dataset ds;
-  ds.inputs = read_idx_images(images_path);
+  if (keep_bytes) {
+    ds.inputs = read_idx_bytes(images_path);  // (standing for b / 255: ByteScaling's default)
+  } else {
+    ds.inputs = read_idx_images(images_path);
+  }
   ds.labels = read_idx_labels(labels_path);
   CG_CHECK(ds.inputs.dim() >= 1 && ds.inputs.size(0) == ds.labels.size(0), IoError,
            "load_idx: image and label counts must match; got ", ds.inputs.dim() >= 1 ? ds.inputs.size(0) : 0,

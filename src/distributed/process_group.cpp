@@ -238,6 +238,7 @@ MPI_Datatype mpi_type(DType t) {
     case DType::Float32: return MPI_FLOAT;
     case DType::Float64: return MPI_DOUBLE;
     case DType::Int64: return MPI_INT64_T;
+    case DType::UInt8: return MPI_UINT8_T;
   }
   throw InternalError("mpi_type: bad dtype");
 }

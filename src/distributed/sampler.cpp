@@ -1,18 +1,12 @@
 // The distributed sampler: each rank's share of every global batch, and the dataset split used
 // for evaluation. Pure functions of (loader order, rank, world): no MPI here.
 #include <algorithm>
-#include <cstring>
 
 #include "chaingrad/distributed.hpp"
 #include "chaingrad/error.hpp"
 
 namespace chaingrad::distributed {
 namespace {
-
-std::size_t row_bytes(const Tensor& t) {
-  const std::int64_t n = t.size(0);
-  return n == 0 ? 0 : static_cast<std::size_t>(t.numel() / n) * element_size(t.dtype());
-}
 
 void check_rank(int rank, int world, const char* op) {
   CG_CHECK(world >= 1 && rank >= 0 && rank < world, ValueError, op, ": rank must be in [0, world) with world >= 1; got rank ",
@@ -40,8 +34,9 @@ DistributedSampler::DistributedSampler(const data::Dataset& dataset, const data:
            ShapeError, "DistributedSampler: the dataset needs inputs and labels with the same first dimension");
   CG_CHECK(dataset.size() == loader.size(), ValueError, "DistributedSampler: the loader batches ", loader.size(),
            " samples but the dataset has ", dataset.size(), "; pass the dataset the loader was built on");
-  inputs_ = dataset.inputs.detach().contiguous();
-  labels_ = dataset.labels.detach().contiguous();
+  source_ = dataset;
+  source_.inputs = dataset.inputs.detach().contiguous();
+  source_.labels = dataset.labels.detach().contiguous();
 }
 
 std::vector<std::int64_t> DistributedSampler::indices(std::int64_t i) const {
@@ -65,22 +60,7 @@ LocalBatch DistributedSampler::batch(std::int64_t i) const {
   // A rank without samples in a short last batch runs the batch's first row with weight 0.
   if (rows.empty()) rows.push_back(loader_->order()[static_cast<std::size_t>(i * global)]);
 
-  const auto b = static_cast<std::int64_t>(rows.size());
-  Dims in_shape = inputs_.shape();
-  in_shape[0] = b;
-  Dims lab_shape = labels_.shape();
-  lab_shape[0] = b;
-  out.batch = {empty(in_shape, inputs_.dtype()), empty(lab_shape, labels_.dtype())};
-  const std::size_t in_row = row_bytes(inputs_), lab_row = row_bytes(labels_);
-  const auto* in_src = static_cast<const char*>(inputs_.raw_data());
-  const auto* lab_src = static_cast<const char*>(labels_.raw_data());
-  auto* in_dst = static_cast<char*>(out.batch.inputs.raw_data());
-  auto* lab_dst = static_cast<char*>(out.batch.labels.raw_data());
-  for (std::size_t r = 0; r < rows.size(); ++r) {
-    const auto src = static_cast<std::size_t>(rows[r]);
-    std::memcpy(in_dst + r * in_row, in_src + src * in_row, in_row);
-    std::memcpy(lab_dst + r * lab_row, lab_src + src * lab_row, lab_row);
-  }
+  out.batch = data::gather_rows(source_, rows);
   return out;
 }
 
@@ -90,6 +70,7 @@ data::Dataset shard(const data::Dataset& dataset, int rank, int world) {
   out.inputs = dataset.inputs.detach().slice(0, r.begin, r.end);
   out.labels = dataset.labels.detach().slice(0, r.begin, r.end);
   out.num_classes = dataset.num_classes;
+  out.byte_scaling = dataset.byte_scaling;
   return out;
 }
 

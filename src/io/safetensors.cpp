@@ -44,7 +44,7 @@ struct FileDType {
 };
 constexpr FileDType kFileDTypes[] = {
     {"F32", 4, DType::Float32}, {"F64", 8, DType::Float64}, {"I64", 8, DType::Int64},
-    {"F16", 2, DType::Float32}, {"BF16", 2, DType::Float32},
+    {"U8", 1, DType::UInt8},    {"F16", 2, DType::Float32}, {"BF16", 2, DType::Float32},
 };
 
 const char* file_dtype_name(DType t) {
@@ -52,6 +52,7 @@ const char* file_dtype_name(DType t) {
     case DType::Float32: return "F32";
     case DType::Float64: return "F64";
     case DType::Int64: return "I64";
+    case DType::UInt8: return "U8";
   }
   return "?";
 }
@@ -115,7 +116,7 @@ Entry parse_entry(const std::string& name, const json& v, std::uint64_t data_len
   for (const FileDType& f : kFileDTypes)
     if (dts == f.name) e.dtype = &f;
   CG_CHECK(e.dtype != nullptr, IoError, "load_safetensors: '", path, "': ", where, " has dtype \"", dts,
-           "\", which chaingrad cannot read; expected one of F32, F64, I64, F16, BF16");
+           "\", which chaingrad cannot read; expected one of F32, F64, I64, U8, F16, BF16");
 
   const json& shape = v["shape"];
   CG_CHECK(shape.is_array(), IoError, "load_safetensors: '", path, "': ", where,

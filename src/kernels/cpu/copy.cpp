@@ -28,7 +28,7 @@ void copy_tiles(const T* s, U* d, std::int64_t rows, std::int64_t cols, std::int
     for (std::int64_t j0 = 0; j0 < cols; j0 += kTile) {
       const std::int64_t j1 = std::min(cols, j0 + kTile);
       for (std::int64_t i = i0; i < i1; ++i)
-        for (std::int64_t j = j0; j < j1; ++j) d[i * d_row_stride + j] = static_cast<U>(s[i + j * s_col_stride]);
+        for (std::int64_t j = j0; j < j1; ++j) d[i * d_row_stride + j] = element_cast<U>(s[i + j * s_col_stride]);
     }
   }
 }
@@ -99,7 +99,7 @@ void copy_to(const Tensor& src, void* dst, DType dst_dtype) {
   if (copy_transposed(src, dst, dst_dtype)) return;
   dispatch(src.dtype(), [&]<class T>() {
     dispatch(dst_dtype, [&]<class U>() {
-      map_unary<T>(src, static_cast<U*>(dst), [](T v) { return static_cast<U>(v); });
+      map_unary<T>(src, static_cast<U*>(dst), [](T v) { return element_cast<U>(v); });
     });
   });
 }
