@@ -293,6 +293,16 @@ TEST(ByteDatasets, BatchesMatchAFloatDatasetBeforeAndAfterNormalizingOnAnyThread
   expect_error<cg::ValueError>([&] { cd::normalize_(b, nf); }, {"normalized already"});
 }
 
+// (fuzz_idx's first find: an empty array streamed through zlib has no buffer to copy from.)
+TEST(ByteDatasets, AFileOfNoImagesReadsAsNoBytes) {
+  TempDir dir;
+  write_bytes(dir.file("empty"), idx_bytes({0, 2, 2}, {}));
+  const cg::Tensor b = cd::read_idx_bytes(dir.file("empty"));
+  EXPECT_EQ(b.dtype(), cg::DType::UInt8);
+  EXPECT_EQ(b.shape(), (cg::Dims{0, 1, 2, 2}));
+  EXPECT_EQ(cd::read_idx_images(dir.file("empty")).shape(), (cg::Dims{0, 1, 2, 2}));
+}
+
 TEST(ByteDatasets, BadRowsAndScalingAreClearErrors) {
   ByteFiles files(20);
   cd::Dataset b = cd::load_idx(files.dir.str(), true, /*keep_bytes=*/true);

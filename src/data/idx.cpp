@@ -317,7 +317,8 @@ Tensor read_idx_bytes(const std::string& path) {
   if (shape.size() == 3) shape.insert(1, 1);  // [N, H, W] -> [N, 1, H, W]
   Tensor out = widened(a, shape, DType::UInt8);
   std::uint8_t* dst = out.data<std::uint8_t>();
-  if (dst != a.data()) std::memcpy(dst, a.data(), a.size());  // (read in place unless zlib streamed it)
+  // Read in place unless zlib streamed it; an empty array may have no buffer at all.
+  if (a.size() != 0 && dst != a.data()) std::memcpy(dst, a.data(), a.size());
   return out;
 }
 
