@@ -1,5 +1,6 @@
 // Input normalization and the DataLoader. Batches are built by copying whole rows (one memcpy
-// per example) out of the contiguous dataset tensors, so the cost per batch is bandwidth only.
+// per example) out of the contiguous dataset tensors, or converting them from bytes, so the cost
+// per batch is bandwidth and little else.
 #include <algorithm>
 #include <array>
 #include <cmath>

@@ -302,13 +302,6 @@ Tensor widened(const IdxArray& a, const Dims& shape, DType dtype) {
   return a.whole.storage.slice(0, h, h + static_cast<std::int64_t>(a.size())).view(shape);
 }
 
-// A table of correctly rounded b/255 gives the same floats as numpy's (x / 255).astype(f32).
-std::array<float, 256> pixel_values() {
-  std::array<float, 256> scale{};
-  for (int b = 0; b < 256; ++b) scale[b] = static_cast<float>(b / 255.0);
-  return scale;
-}
-
 }  // namespace
 
 Tensor read_idx_bytes(const std::string& path) {
@@ -327,7 +320,9 @@ Tensor read_idx_images(const std::string& path) {
   Dims shape(a.dims);
   if (shape.size() == 3) shape.insert(1, 1);  // [N, H, W] -> [N, 1, H, W]
   Tensor out = widened(a, shape, DType::Float32);
-  const std::array<float, 256> scale = pixel_values();
+  // A table of correctly rounded b/255 gives the same floats as numpy's (x / 255).astype(f32).
+  std::array<float, 256> scale{};
+  for (int b = 0; b < 256; ++b) scale[b] = static_cast<float>(b / 255.0);
   float* dst = out.data<float>();
   const std::uint8_t* src = a.data();  // (may lie in dst's storage, ahead of it: front to back is safe)
   const std::size_t n = a.size();
