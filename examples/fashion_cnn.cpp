@@ -28,7 +28,7 @@ double accuracy(nn::Module& model, const cg::data::Dataset& ds) {
   const std::int64_t n = ds.size(), chunk = 500;
   for (std::int64_t start = 0; start < n; start += chunk) {
     const std::int64_t end = std::min(n, start + chunk);
-    const auto pred = cg::argmax(model(ds.inputs.slice(0, start, end)), 1).to_vector<std::int64_t>();
+    const auto pred = cg::argmax(model(cg::data::float_inputs(ds, start, end)), 1).to_vector<std::int64_t>();
     const auto label = ds.labels.slice(0, start, end).to_vector<std::int64_t>();
     for (std::size_t i = 0; i < pred.size(); ++i) correct += pred[i] == label[i];
   }
@@ -44,11 +44,12 @@ int main(int argc, char** argv) {
     const std::int64_t batch_size = argc > 2 ? std::stoll(argv[2]) : 64;
     const std::string dir = argc > 3 ? argv[3] : cg::data::kFashionMnistDir;
 
-    cg::data::Dataset train = cg::data::load_idx(dir, /*train=*/true);
-    cg::data::Dataset test = cg::data::load_idx(dir, /*train=*/false);
-    const cg::data::Normalization norm = cg::data::compute_normalization(train.inputs);
-    cg::data::normalize_(train.inputs, norm);
-    cg::data::normalize_(test.inputs, norm);
+    // The images stay bytes; batches come out as standardized float32 (fashion_mlp.cpp says more).
+    cg::data::Dataset train = cg::data::load_idx(dir, /*train=*/true, /*keep_bytes=*/true);
+    cg::data::Dataset test = cg::data::load_idx(dir, /*train=*/false, /*keep_bytes=*/true);
+    const cg::data::Normalization norm = cg::data::compute_normalization(train);
+    cg::data::normalize_(train, norm);
+    cg::data::normalize_(test, norm);
 
     // The same network as `chaingrad train --model "conv2d(32,3,pad=1) relu maxpool2d(2)
     // conv2d(64,3,pad=1) relu maxpool2d(2) flatten linear(128) relu dropout(0.25) linear(10)"`,

@@ -27,7 +27,7 @@ double accuracy(nn::Module& model, const cg::data::Dataset& ds) {
   const std::int64_t n = ds.size(), chunk = 1000;
   for (std::int64_t start = 0; start < n; start += chunk) {
     const std::int64_t end = std::min(n, start + chunk);
-    const cg::Tensor x = ds.inputs.slice(0, start, end).flatten(1);  // [B, 784]
+    const cg::Tensor x = cg::data::float_inputs(ds, start, end).flatten(1);  // [B, 784]
     const auto pred = cg::argmax(model(x), 1).to_vector<std::int64_t>();
     const auto label = ds.labels.slice(0, start, end).to_vector<std::int64_t>();
     for (std::size_t i = 0; i < pred.size(); ++i) correct += pred[i] == label[i];
@@ -44,12 +44,14 @@ int main(int argc, char** argv) {
     const std::int64_t batch_size = argc > 2 ? std::stoll(argv[2]) : 64;
     const std::string dir = argc > 3 ? argv[3] : cg::data::kFashionMnistDir;
 
-    // Data: float32 [N, 1, 28, 28] in [0, 1] and int64 labels; standardize with the train stats.
-    cg::data::Dataset train = cg::data::load_idx(dir, /*train=*/true);
-    cg::data::Dataset test = cg::data::load_idx(dir, /*train=*/false);
-    const cg::data::Normalization norm = cg::data::compute_normalization(train.inputs);
-    cg::data::normalize_(train.inputs, norm);
-    cg::data::normalize_(test.inputs, norm);
+    // Data: the images as the bytes of their files, uint8 [N, 1, 28, 28] (a quarter of float32's
+    // memory), and int64 labels; standardized with the train stats. Batches (and float_inputs)
+    // come out as float32, converted as they are gathered.
+    cg::data::Dataset train = cg::data::load_idx(dir, /*train=*/true, /*keep_bytes=*/true);
+    cg::data::Dataset test = cg::data::load_idx(dir, /*train=*/false, /*keep_bytes=*/true);
+    const cg::data::Normalization norm = cg::data::compute_normalization(train);
+    cg::data::normalize_(train, norm);
+    cg::data::normalize_(test, norm);
     std::printf("Fashion-MNIST: %lld train, %lld test images\n", static_cast<long long>(train.size()),
                 static_cast<long long>(test.size()));
 
