@@ -17,8 +17,8 @@ inline constexpr const char* kFashionMnistDir = "/usr/share/datasets/fashion-mni
 
 // What the bytes of a uint8 dataset stand for: value(b) = (b / divisor - mean) * scale, in float32,
 // each operation rounded as written. As loaded, b / 255: the floats read_idx_images gives (each
-// correctly rounded). normalize_ sets mean and scale to what it multiplies float inputs by, so a
-// byte dataset and a float32 one of the same file give the same floats.
+// correctly rounded). normalize_ sets mean and scale to what it subtracts from float inputs and
+// multiplies them by, so a byte dataset and a float32 one of the same file give the same floats.
 struct ByteScaling {
   float divisor = 255.0f;
   float mean = 0.0f;
@@ -39,7 +39,7 @@ struct Dataset {
   bool holds_bytes() const { return inputs.defined() && inputs.dtype() == DType::UInt8; }
 };
 
-// Rows [begin, end) of the inputs as float32: a view of float inputs, a converted copy of bytes.
+// Rows [begin, end) of the inputs as floats: a view of float inputs, a float32 copy of bytes.
 Tensor float_inputs(const Dataset& dataset, std::int64_t begin, std::int64_t end);
 inline Tensor float_inputs(const Dataset& dataset) { return float_inputs(dataset, 0, dataset.size()); }
 
