@@ -56,6 +56,11 @@ void check_scaling(const ByteScaling& b, const char* op) {
            ", scale ", b.scale);
 }
 
+void check_normalization(Normalization n) {
+  CG_CHECK(std::isfinite(n.mean) && std::isfinite(n.std) && n.std > 0.0, ValueError,
+           "normalize_: std must be positive and both values finite; got mean ", n.mean, ", std ", n.std);
+}
+
 void check_source(const Dataset& d, const char* op) {
   CG_CHECK(d.inputs.defined() && d.labels.defined(), ValueError, op, ": the dataset must have both inputs and labels");
   CG_CHECK(d.inputs.dim() >= 1 && d.labels.dim() >= 1 && d.inputs.size(0) == d.labels.size(0), ShapeError, op,
@@ -168,8 +173,7 @@ void normalize_(Tensor& inputs, Normalization norm) {
            inputs.shape(), " with strides ", inputs.strides());
   CG_CHECK(!inputs.requires_grad(), AutogradError,
            "normalize_: refusing to modify a tensor that requires grad in place");
-  CG_CHECK(std::isfinite(norm.mean) && std::isfinite(norm.std) && norm.std > 0.0, ValueError,
-           "normalize_: std must be positive and both values finite; got mean ", norm.mean, ", std ", norm.std);
+  check_normalization(norm);
   const auto n = static_cast<std::size_t>(inputs.numel());
   dispatch_float(inputs.dtype(), "normalize_", [&]<class T>() {
     T* p = inputs.data<T>();
@@ -223,8 +227,7 @@ void normalize_(Dataset& dataset, Normalization n) {
   CG_CHECK(b.mean == 0.0f && b.scale == 1.0f, ValueError,
            "normalize_: this byte dataset is normalized already (mean ", b.mean, ", scale ", b.scale,
            "); bytes take one normalization, since a second would round differently from float inputs");
-  CG_CHECK(std::isfinite(n.mean) && std::isfinite(n.std) && n.std > 0.0, ValueError,
-           "normalize_: std must be positive and both values finite; got mean ", n.mean, ", std ", n.std);
+  check_normalization(n);
   // What normalize_ subtracts from and multiplies float inputs by, so the floats come out the same.
   b.mean = static_cast<float>(n.mean);
   b.scale = static_cast<float>(1.0 / n.std);
