@@ -69,6 +69,14 @@ void check_source(const Dataset& d, const char* op) {
   if (d.holds_bytes()) check_scaling(d.byte_scaling, op);
 }
 
+// The dataset with its inputs and labels contiguous (the same tensors when they already are).
+Dataset contiguous_rows(const Dataset& d) {
+  Dataset out = d;
+  out.inputs = d.inputs.detach().contiguous();
+  out.labels = d.labels.detach().contiguous();
+  return out;
+}
+
 // The rows `rows` of a dataset whose tensors are contiguous; the rows are known to be in range.
 Batch gather_contiguous(const Dataset& d, std::span<const std::int64_t> rows) {
   const auto b = static_cast<std::int64_t>(rows.size());
@@ -240,9 +248,7 @@ DataLoader::DataLoader(const Dataset& dataset, Options options) : options_(optio
   CG_CHECK(options.batch_size > 0, ValueError, "DataLoader: batch_size must be positive; got ",
            options.batch_size);
   // Row copies need contiguous rows; a view is materialized once here rather than per batch.
-  source_ = dataset;
-  source_.inputs = dataset.inputs.detach().contiguous();
-  source_.labels = dataset.labels.detach().contiguous();
+  source_ = contiguous_rows(dataset);
   n_ = source_.inputs.size(0);
   set_epoch(0);
 }
@@ -282,10 +288,7 @@ Batch gather_rows(const Dataset& dataset, std::span<const std::int64_t> rows) {
   for (std::size_t r = 0; r < rows.size(); ++r)
     CG_CHECK(rows[r] >= 0 && rows[r] < n, ValueError, "gather_rows: row ", rows[r], " (entry ", r,
              ") is out of range for a dataset of ", n, " samples");
-  Dataset source = dataset;
-  source.inputs = dataset.inputs.detach().contiguous();
-  source.labels = dataset.labels.detach().contiguous();
-  return gather_contiguous(source, rows);
+  return gather_contiguous(contiguous_rows(dataset), rows);
 }
 
 Tensor float_inputs(const Dataset& dataset, std::int64_t begin, std::int64_t end) {
