@@ -59,6 +59,11 @@ def parse_args():
                     help="torch intra-op threads: best = 1 (fastest here, see peers/results.md; "
                          "OpenBLAS keeps its own pool), same = chaingrad's --threads value, "
                          "both = both (deduplicated)")
+    ap.add_argument("--peer-blas-threads", choices=["match", "own"], default="match",
+                    help="OpenBLAS threads of the peers: match = chaingrad's --threads (exported as "
+                         "OPENBLAS_NUM_THREADS, so that 't/1' means t cores on each side), own = "
+                         "OpenBLAS's default (all cores). An OPENBLAS_NUM_THREADS already in the "
+                         "environment is left as it is either way")
     ap.add_argument("--env", choices=["as-set", "unset", "both"], default="as-set",
                     help="unset = run both sides under `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE`")
     ap.add_argument("--rounds", type=int, default=5)
@@ -270,12 +275,27 @@ def build_configs(a, notes):
                                     pc = [libtorch_bins(a)["mlp"]]
                                 pc += ["--batch", str(b), "--epochs", str(a.epochs), "--opt", opt,
                                        "--lr", repr(lr), "--threads", str(pt), "--seed", "{SEED}"]
+                                pc = peer_blas_prefix(a.peer_blas_threads, t) + pc
                                 configs.append(dict(workload=w, env=env_v, opt=opt, batch=b,
                                                     threads=t, peer=p, peer_threads=pt,
                                                     cg_cmd=cg, peer_cmd=pc))
     if skipped_cnn_libtorch:
         notes.append("libtorch has no CNN peer: cnn rows compare against PyTorch (Python) only")
     return configs
+
+
+def peer_blas_prefix(mode, threads, environ=None, cpus=None):
+    """The prefix that gives a peer's OpenBLAS `threads` threads, or [] where it keeps its default.
+
+    Left alone, OpenBLAS runs on every core: with chaingrad on one thread, the peer would use two
+    cores against one. An OPENBLAS_NUM_THREADS the user exported wins, and on `threads` >= the
+    number of CPUs the default is that number already."""
+    environ = os.environ if environ is None else environ
+    if cpus is None:
+        cpus = os.cpu_count() or 1
+    if mode != "match" or "OPENBLAS_NUM_THREADS" in environ or threads >= cpus:
+        return []
+    return ["env", f"OPENBLAS_NUM_THREADS={threads}"]
 
 
 # ---------------------------------------------------------------- running
@@ -475,6 +495,10 @@ def report(a, configs, cg_samples, peer_samples, notes, cores, failures):
           f"ratio taken round by round, which the machine's drift between rounds moves less. "
           f"Round r runs seed {a.seed} + r - 1 on "
           f"both sides; acc = mean ± standard error over the rounds. RSS = child's ru_maxrss, MiB.")
+    if any(c["peer_cmd"][:2] == ["env", f"OPENBLAS_NUM_THREADS={c['threads']}"] for c in configs):
+        print("Where chaingrad runs on fewer threads than there are CPUs, the peers' OpenBLAS runs on "
+              "as many (OPENBLAS_NUM_THREADS, `--peer-blas-threads match`), so both sides use the "
+              "same number of cores.  ")
     if a.wait_idle > 0:
         print(f"Each configuration's runs of a round started after the CPUs were ≥ {a.wait_idle:g}% idle for 1 s.")
     print()

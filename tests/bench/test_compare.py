@@ -36,5 +36,43 @@ class OpenBlasFallbackNote(unittest.TestCase):
         self.assertIsNone(compare.openblas_fallback_note({"as-set": "Prescott"}))
 
 
+class PeerBlasThreads(unittest.TestCase):
+    def test_fewer_threads_than_cpus_give_the_peer_as_many_blas_threads(self):
+        self.assertEqual(compare.peer_blas_prefix("match", 1, environ={}, cpus=2),
+                         ["env", "OPENBLAS_NUM_THREADS=1"])
+        self.assertEqual(compare.peer_blas_prefix("match", 3, environ={}, cpus=8),
+                         ["env", "OPENBLAS_NUM_THREADS=3"])
+
+    def test_all_cpus_an_exported_setting_or_own_leave_openblas_alone(self):
+        self.assertEqual(compare.peer_blas_prefix("match", 2, environ={}, cpus=2), [])
+        self.assertEqual(compare.peer_blas_prefix("match", 1, environ={"OPENBLAS_NUM_THREADS": "2"}, cpus=2), [])
+        self.assertEqual(compare.peer_blas_prefix("own", 1, environ={}, cpus=2), [])
+
+    def test_dry_run_of_one_thread_shows_the_prefix_on_the_peer_only(self):
+        import contextlib
+        import io
+        argv = ["compare.py", "--dry-run", "--workload", "mlp", "--batch", "64", "--threads", "1",
+                "--peers", "torch", "--chaingrad", "/bin/true"]
+        saved_argv, saved_env = sys.argv, os.environ.pop("OPENBLAS_NUM_THREADS", None)
+        out = io.StringIO()
+        try:
+            sys.argv = argv
+            with contextlib.redirect_stdout(out):
+                try:
+                    compare.main()
+                except SystemExit:
+                    pass
+        finally:
+            sys.argv = saved_argv
+            if saved_env is not None:
+                os.environ["OPENBLAS_NUM_THREADS"] = saved_env
+        lines = [l for l in out.getvalue().splitlines() if "torch_mlp.py" in l or "/bin/true" in l]
+        peer = [l for l in lines if "torch_mlp.py" in l]
+        self.assertTrue(peer, out.getvalue())
+        if (os.cpu_count() or 1) > 1:
+            self.assertTrue(all("OPENBLAS_NUM_THREADS=1" in l for l in peer), peer)
+        self.assertFalse(any("OPENBLAS_NUM_THREADS" in l for l in lines if "/bin/true" in l), lines)
+
+
 if __name__ == "__main__":
     sys.exit(unittest.main())
