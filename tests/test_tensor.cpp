@@ -65,6 +65,84 @@ TEST(Views, ShareStorage) {
   EXPECT_EQ(t.reshape({12}).shape(), (cg::Dims{12}));
 }
 
+// reshape (and so view, select, squeeze, unsqueeze and flatten) gives a view wherever the strides
+// allow, as in PyTorch, not only of contiguous tensors; where they do not, it copies.
+TEST(Views, ReshapeOfAStridedTensorIsAViewWhereStridesAllow) {
+  cg::NoGradGuard ng;
+  Tensor a = cg::arange(0, 12, 1, {.dtype = cg::DType::Float64}).reshape({3, 4});
+  Tensor col = a.t().select(0, 2);  // column 2: stride 4
+  EXPECT_EQ(col.storage(), a.storage());
+  EXPECT_EQ(col.strides(), (cg::Dims{4}));
+  EXPECT_EQ(col.to_vector<double>(), (std::vector<double>{2, 6, 10}));
+  col.fill_(-1);
+  EXPECT_EQ(a.select(1, 2).to_vector<double>(), (std::vector<double>{-1, -1, -1}));
+
+  Tensor even = a.slice(1, 0, 4, 2);  // [3, 2], strides (4, 2): one even run of 6 elements
+  Tensor flat = even.view({6});
+  EXPECT_EQ(flat.storage(), a.storage());
+  EXPECT_EQ(flat.strides(), (cg::Dims{2}));
+  EXPECT_EQ(flat.to_vector<double>(), (std::vector<double>{0, -1, 4, -1, 8, -1}));
+  Tensor u = a.t().unsqueeze(1).unsqueeze(0);  // [1, 4, 1, 3]
+  EXPECT_EQ(u.storage(), a.storage());
+  EXPECT_EQ(u.squeeze().strides(), (cg::Dims{1, 4}));
+  Tensor e = cg::expand(cg::arange(0, 4, 1, {.dtype = cg::DType::Float64}), {3, 4});  // stride 0 rows
+  EXPECT_EQ(e.reshape({3, 2, 2}).storage(), e.storage());
+  EXPECT_EQ(e.reshape({3, 2, 2}).strides(), (cg::Dims{0, 2, 1}));
+
+  // No strides can show a transposed matrix's rows as one run: a copy, in row-major order.
+  Tensor t = a.t().reshape({12});
+  EXPECT_NE(t.storage(), a.storage());
+  EXPECT_EQ(t.to_vector<double>(), a.t().contiguous().reshape({12}).to_vector<double>());
+  EXPECT_THROW(a.t().view({12}), cg::ShapeError);
+  EXPECT_NE(e.reshape({12}).storage(), e.storage());
+}
+
+// Every reshape of permuted, sliced and expanded tensors reads the elements of the contiguous
+// copy's reshape, whether it is a view or a copy.
+TEST(Views, ReshapeOfPermutedSlicedAndExpandedTensorsReadsInRowMajorOrder) {
+  cg::NoGradGuard ng;
+  const Tensor base = cg::arange(0, 2 * 3 * 4 * 6, 1, {.dtype = cg::DType::Float64}).reshape({2, 3, 4, 6});
+  const std::vector<Tensor> sources = {base.permute({1, 0, 2, 3}), base.permute({0, 1, 3, 2}),
+                                       base.slice(3, 0, 6, 2),      base.slice(2, 1, 3),
+                                       base.permute({3, 2, 1, 0}),  base.select(1, 1),
+                                       cg::expand(base.slice(0, 0, 1), {3, 3, 4, 6}).slice(3, 1, 4)};
+  int views = 0, copies = 0;
+  for (const Tensor& x : sources) {
+    // Targets: the shape with neighbours merged, split and padded with 1s.
+    std::vector<cg::Dims> targets = {{x.numel()}, {1, x.numel(), 1}};
+    const cg::Dims s = x.shape();
+    for (int d = 0; d + 1 < s.size(); ++d) {
+      cg::Dims merged;
+      for (int i = 0; i < s.size(); ++i) {
+        if (i == d + 1) continue;
+        merged.push_back(i == d ? s[d] * s[d + 1] : s[i]);
+      }
+      targets.push_back(merged);
+      if (s[d] % 2 == 0) {
+        cg::Dims split;
+        for (int i = 0; i < s.size(); ++i) {
+          if (i == d) {
+            split.push_back(2);
+            split.push_back(s[d] / 2);
+          } else {
+            split.push_back(s[i]);
+          }
+        }
+        targets.push_back(split);
+      }
+    }
+    for (const cg::Dims& target : targets) {
+      const Tensor r = x.reshape(target);
+      ASSERT_EQ(r.shape(), target);
+      EXPECT_EQ(r.to_vector<double>(), x.contiguous().reshape(target).to_vector<double>())
+          << x.shape() << " " << x.strides() << " as " << target;
+      (r.storage() == x.storage() ? views : copies)++;
+    }
+  }
+  EXPECT_GT(views, 10);
+  EXPECT_GT(copies, 5);
+}
+
 // Heads, storages and nodes are counted in place, and a sole owner frees without an atomic. Many
 // threads copying and dropping handles to the same tensors and nodes must leave every count where
 // it started (a lost update would show here, a double free under AddressSanitizer).

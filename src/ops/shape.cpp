@@ -2,6 +2,7 @@
 // are the inverse views, or, for slices and broadcasts, their adjoints.
 #include <cstring>
 #include <numeric>
+#include <optional>
 
 #include "ops/common.hpp"
 
@@ -33,14 +34,52 @@ Dims infer_shape(const Dims& requested, std::int64_t numel, const Dims& from) {
            " (", numel, " elements)");
   return shape;
 }
+
+// Strides that show the elements of (shape, strides), in row-major order, as `target`, or none
+// when no strides can (the result then needs a copy). The source's dimensions fall into runs that
+// step through memory evenly (each dimension's stride is the next one's times its extent);
+// `target` is a view exactly when each of its dimensions lies within one run, so the runs are
+// matched from the innermost out. Size-1 dimensions break no run and take any stride.
+std::optional<Dims> view_strides(const Dims& shape, const Dims& strides, const Dims& target) {
+  if (shape.numel() == 0) return contiguous_strides(target);  // (no element to address)
+  Dims out = Dims::filled(target.size(), 0);
+  int t = target.size() - 1;
+  std::int64_t run = 1, taken = 1, inner = 0;  // the current run's elements, target's share of them, its step
+  for (int d = shape.size() - 1; d >= 0; --d) {
+    if (shape[d] == 1) continue;
+    if (run == 1) inner = strides[d];
+    run *= shape[d];
+    int outer = d - 1;
+    while (outer >= 0 && shape[outer] == 1) --outer;
+    if (outer >= 0 && strides[outer] == strides[d] * shape[d]) continue;  // the run goes on outward
+    // The run ends at d: target's dims take it from the inside out until they cover it exactly.
+    while (t >= 0 && (taken < run || target[t] == 1)) {
+      out[t] = inner * taken;
+      taken *= target[t];
+      --t;
+    }
+    if (taken != run) return std::nullopt;
+    run = 1;
+    taken = 1;
+  }
+  for (; t >= 0; --t) out[t] = 1;  // target's leading size-1 dims (the element counts match)
+  return out;
+}
 }  // namespace
 
 Tensor reshape(const Tensor& x, const Dims& requested) {
   CG_CHECK(x.defined(), ValueError, "reshape: input is undefined");
   const Dims shape = infer_shape(requested, x.numel(), x.shape());
   if (shape == x.shape()) return x;
-  Tensor out = x.is_contiguous() ? make_view(x, shape, contiguous_strides(shape), x.offset())
-                                 : make_view(x.detach().contiguous(), shape, contiguous_strides(shape), 0);
+  // A view wherever strides allow (as in PyTorch): select, squeeze and unsqueeze of a transposed
+  // or sliced tensor share its storage rather than copy it.
+  Tensor out;
+  if (x.is_contiguous())
+    out = make_view(x, shape, contiguous_strides(shape), x.offset());
+  else if (const std::optional<Dims> strides = view_strides(x.shape(), x.strides(), shape))
+    out = make_view(x, shape, *strides, x.offset());
+  else
+    out = make_view(x.detach().contiguous(), shape, contiguous_strides(shape), 0);
   if (detail::any_requires_grad({x}))
     record("reshape", {x}, out, [in_shape = x.shape()](const Tensor& g, const Node&) {
       return GradList{reshape(g, in_shape)};
