@@ -40,6 +40,7 @@ std::vector<OpCase> build() {
   add_case({"tanh", {{2, 3}}, [](V x) { return tanh(x[0]); }});
   add_case({"erf", {{2, 3}}, [](V x) { return erf(x[0]); }});
   add_case({"sigmoid", {{2, 3}}, [](V x) { return sigmoid(x[0]); }, -4, 4});
+  add_case({"sigmoid", {{}}, [](V x) { return sigmoid(x[0]); }, -4, 4, {}, true, "0-d (saves its input)"});
   add_case({"relu", {{2, 3}}, [](V x) { return relu(x[0]); }, -2, 2, {0.0}});
   add_case({"leaky_relu", {{2, 3}}, [](V x) { return leaky_relu(x[0], 0.1); }, -2, 2, {0.0}});
   add_case({"elu", {{2, 3}}, [](V x) { return elu(x[0], 0.7); }, -2, 2, {0.0}});

@@ -623,6 +623,39 @@ TEST(OneElementGraph, GradientsAddIntoAnExistingGradInPlace) {
   EXPECT_DOUBLE_EQ(w.grad().item(), 7.0);
 }
 
+// After zero_grad, the next backward may refill the dropped `.grad` tensor, but only when nobody
+// can tell: a handle the user kept (or a view of it, or a name put on it) keeps its value.
+TEST(OneElementGraph, ADroppedGradIsRefilledOnlyWhenNobodyHoldsIt) {
+  Tensor w = s(2.0, true);
+  (w * s(3.0)).backward();
+  const Tensor kept = w.grad();
+  w.zero_grad();
+  (w * s(5.0)).backward();
+  EXPECT_DOUBLE_EQ(kept.item(), 3.0);
+  EXPECT_DOUBLE_EQ(w.grad().item(), 5.0);
+  EXPECT_FALSE(w.grad().same(kept));
+
+  const Tensor view = w.grad().reshape({1});
+  w.zero_grad();
+  (w * s(7.0)).backward();
+  EXPECT_DOUBLE_EQ(view.item(), 5.0);
+  EXPECT_DOUBLE_EQ(w.grad().item(), 7.0);
+
+  w.grad().set_name("g");
+  w.zero_grad();
+  (w * s(9.0)).backward();
+  EXPECT_DOUBLE_EQ(w.grad().item(), 9.0);
+  EXPECT_EQ(w.grad().name(), "");  // a new tensor: nothing carried over
+
+  const cg::TensorImpl* dropped = w.grad().impl();
+  w.zero_grad();
+  (w * s(4.0)).backward();
+  EXPECT_EQ(w.grad().impl(), dropped) << "a .grad nobody holds should be refilled, not remade";
+  EXPECT_DOUBLE_EQ(w.grad().item(), 4.0);
+  (w * s(1.0)).backward();
+  EXPECT_DOUBLE_EQ(w.grad().item(), 5.0);
+}
+
 TEST(OneElementGraph, RetainGraphAndSecondBackward) {
   Tensor w = s(0.5, true);
   Tensor L = cg::sigmoid(w) * w;

@@ -240,6 +240,10 @@ class AccumulateGrad final : public Node {
 
  private:
   TensorImpl* leaf_;
+  // The last one-element `.grad` accumulate_value made. When the user has dropped it (zero_grad,
+  // every step of a scalar training loop) and nothing else holds it, the next backward fills it
+  // again instead of making a new tensor.
+  ImplPtr spare_grad_;
 };
 
 namespace detail {

@@ -167,16 +167,27 @@ bool AccumulateGrad::accumulates_value() const {
   return !g || (g->dtype == leaf->dtype && g->shape.numel() == 1 && !g->requires_grad && !g->grad_fn);
 }
 
+namespace {
+// Whether `spare` may become the leaf's new `.grad`: nobody else holds the head or its storage (so
+// nobody can tell it from a new tensor), and nothing was attached to it while it was `.grad`.
+bool reusable_spare(const TensorImpl* spare, const TensorImpl& leaf) {
+  return spare && intrusive_use_count(spare) == 1 && spare->storage.use_count() == 1 && spare->offset == 0 &&
+         spare->dtype == leaf.dtype && spare->shape == leaf.shape && !spare->requires_grad && !spare->grad_fn &&
+         !spare->grad_impl && !spare->grad_accumulator && !spare->extras;
+}
+}  // namespace
+
 void AccumulateGrad::accumulate_value(double g) {
   TensorImpl* const leaf = leaf_;
   if (!leaf) return;
   if (!leaf->grad_impl) {
-    Tensor grad = empty(leaf->shape, leaf->dtype);
+    if (!reusable_spare(spare_grad_.get(), *leaf)) spare_grad_ = empty(leaf->shape, leaf->dtype).take_impl();
+    TensorImpl& grad = *spare_grad_;
     if (leaf->dtype == DType::Float32)
-      *grad.data<float>() = static_cast<float>(g);
+      *static_cast<float*>(grad.storage->data()) = static_cast<float>(g);
     else
-      *grad.data<double>() = g;
-    leaf->grad_impl = std::move(grad).take_impl();
+      *static_cast<double*>(grad.storage->data()) = g;
+    leaf->grad_impl = spare_grad_;
     return;
   }
   // In place, as apply() adds into an existing `.grad` (a user's handle on it sees the sum).

@@ -172,7 +172,23 @@ Tensor erf(const Tensor& x) {
 // sigma(x) = 1/(1+e^-x), evaluated without overflow on either side; d/dx sigma = sigma (1 - sigma)
 Tensor sigmoid(const Tensor& x) {
   Tensor out = vector_unary(x, "sigmoid", kernels::vsigmoid, [](auto v) { return stable_sigmoid(v); });
-  if (detail::any_requires_grad({x})) {
+  if (!detail::any_requires_grad({x})) return out;
+  auto partials = [](auto, auto y) { return std::array{sigmoid_grad(decltype(y)(1), y)}; };
+  if (out.numel() == 1) {
+    // One element (a scalar formula): keeping the input costs a reference, where keeping the
+    // output costs a detached alias (a new head, Note [saved tensors]); y is recomputed instead
+    // on the rare tensor-path backward. Differentiating through that sigmoid gives the same
+    // second derivatives as through the re-attached output.
+    record(
+        "sigmoid", {x}, out,
+        [sx = SavedTensor(x, false)](Tensor g, const Node& self) {
+          const Tensor& xv = sx.unpack(self);
+          if (!GradMode::is_enabled())
+            return GradList{detail::grad_map(std::move(g), sigmoid(xv), "sigmoid_backward", sigmoid_grad)};
+          return GradList{sigmoid_backward(g, sigmoid(xv))};
+        },
+        partials);
+  } else {
     record(
         "sigmoid", {x}, out,
         [so = SavedTensor(out, true)](Tensor g, const Node& self) {
@@ -181,7 +197,7 @@ Tensor sigmoid(const Tensor& x) {
             return GradList{detail::grad_map(std::move(g), y, "sigmoid_backward", sigmoid_grad)};
           return GradList{sigmoid_backward(g, y)};
         },
-        [](auto, auto y) { return std::array{sigmoid_grad(decltype(y)(1), y)}; });
+        partials);
   }
   return out;
 }
