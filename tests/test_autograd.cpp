@@ -705,6 +705,30 @@ TEST(OneElementGraph, InPlaceChangeAfterForwardKeepsTheForwardsDerivative) {
   EXPECT_DOUBLE_EQ(w.grad().item(), 3.0);
 }
 
+// Sequence numbers come in per-thread blocks, so a node recorded on a new thread can number above
+// the node that consumes it on an older one. The walk on numbers runs nodes by number; it must
+// notice and leave the graph to the tensor path, which orders by dependency counts.
+TEST(OneElementGraph, InputRecordedOnAnotherThreadWithAHigherNumber) {
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    // Make sure this thread's block of numbers does not run out between p and q below.
+    for (int i = 0; i < 2; ++i) (void)(s(1.0, true) * s(2.0));
+    Tensor w = s(0.5, true), v = s(2.0, true);
+    Tensor p;
+    std::thread([&] { p = cg::sin(w * 3.0); }).join();  // numbered from the new thread's block
+    const Tensor q = p * v + p;                          // on this thread: consumers of p
+    if (!(q.grad_fn()->sequence_nr() < p.grad_fn()->sequence_nr())) continue;
+    Tensor L = cg::sigmoid(q);
+    const std::uint64_t runs = cg::autograd::value_backward_runs();
+    L.backward();
+    EXPECT_EQ(cg::autograd::value_backward_runs(), runs);
+    const double P = std::sin(1.5), Q = P * 2.0 + P;
+    EXPECT_NEAR(v.grad().item(), dsig(Q) * P, 1e-14);
+    EXPECT_NEAR(w.grad().item(), dsig(Q) * 3.0 * std::cos(1.5) * 3.0, 1e-14);
+    return;
+  }
+  GTEST_SKIP() << "could not record a consumer numbered below its input";
+}
+
 TEST(OneElementGraph, FloatGradientIsRoundedLikeTheTensorPath) {
   Tensor w = f32(0.1, true);
   Tensor L = w * f32(0.3) + w * f32(0.7);

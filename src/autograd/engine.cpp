@@ -102,14 +102,17 @@ class Engine {
       }
     } reset{nodes};
 
+    // 0. A graph of one-element values may run on numbers (Note [one-element graphs]).
+    if (!capture && !opt.observer && !opt.create_graph && !AnomalyMode::is_enabled() &&
+        run_by_value(roots, root_grads, opt.retain_graph, scratch)) {
+      reset.done = true;
+      return;
+    }
+
     // 1. Discover the graph and count, for each node, the edges that point into it. `nodes` is its
-    // own work list (breadth first): each node is visited once, in the order it was found. On the
-    // way, see whether every node can run on numbers (Note [one-element graphs]).
-    bool by_value = !capture && !opt.observer && !opt.create_graph && !AnomalyMode::is_enabled();
+    // own work list (breadth first): each node is visited once, in the order it was found.
     auto visit = [&](Node* n) {
       n->visited_ = true;
-      n->value_grad_ = 0;
-      by_value = by_value && runs_by_value(*n);
       nodes.push_back(n);
     };
     for (const auto& r : roots)
@@ -120,11 +123,6 @@ class Engine {
         e->dependencies_++;
         if (!e->visited_) visit(e.get());
       }
-    }
-    if (by_value) {
-      run_by_value(roots, root_grads, opt.retain_graph, scratch);
-      reset.done = true;
-      return;
     }
 
     // 2. For grad(): run only nodes that lead to a requested input; backward() runs everything.
@@ -222,9 +220,36 @@ class Engine {
 
   static inline thread_local std::uint64_t value_runs = 0;
 
-  static void run_by_value(std::span<const NodePtr> roots, std::span<const Tensor> root_grads, bool retain_graph,
+  // The walk on numbers. It needs no discovery pass or dependency counts: within a thread, a node
+  // is recorded after the nodes of its inputs, so running the reached nodes from the highest
+  // sequence number down runs each one after all of its consumers, in the order the tensor path
+  // runs them (its ready queue also takes the most recent op first). Accumulators are the
+  // exception (one is made when its leaf is first used, after the node that uses it), but they
+  // only sum: each adds its total into `.grad` at the end. A graph built on several threads can
+  // break that order; the walk then gives up, as it does at a node that cannot run on numbers,
+  // having changed nothing but the nodes' scratch, and the tensor path runs instead.
+  static bool run_by_value(std::span<const NodePtr> roots, std::span<const Tensor> root_grads, bool retain_graph,
                            Scratch& scratch) {
-    ++value_runs;
+    std::vector<Node*>& reached = scratch.nodes;
+    ReadyQueue ready(scratch.ready);
+    auto reach = [&](const NodePtr& edge) {
+      Node* n = edge.get();
+      if (n->visited_) return true;
+      if (!runs_by_value(*n)) return false;
+      n->visited_ = true;
+      n->value_grad_ = 0;
+      reached.push_back(n);
+      ready.push({n->sequence_nr_, &edge});
+      return true;
+    };
+    auto give_up = [&] {
+      for (Node* n : reached) n->visited_ = false;
+      reached.clear();
+      scratch.ready.clear();
+      return false;
+    };
+    for (const NodePtr& r : roots)
+      if (!reach(r)) return give_up();
     for (std::size_t i = 0; i < roots.size(); ++i) {
       Node& r = *roots[i];
       const double g = root_grads[i].defined() ? root_grads[i].item() : 1.0;  // (implicit: check_root)
@@ -233,33 +258,36 @@ class Engine {
       else
         add_product<double>(r.value_grad_, g, 1.0);
     }
-    ReadyQueue ready(scratch.ready);
-    push_roots(roots, ready, scratch.seeded);
     while (!ready.empty()) {
-      Node* node = ready.pop().owner->get();
+      const Node* node = ready.pop().owner->get();
+      if (node->value_rule_ == Node::ValueRule::accumulate) continue;  // (its sum may still grow)
       const double g = node->value_grad_;
+      const bool single = node->output_meta_.dtype == DType::Float32;
+      const std::size_t num_edges = node->next_edges_.size();
+      for (std::size_t i = 0; i < num_edges; ++i) {
+        const NodePtr& edge = node->next_edges_[i];
+        Node* next = edge.get();
+        if (!next) continue;
+        if (!reach(edge)) return give_up();
+        if (next->sequence_nr_ > node->sequence_nr_ && next->value_rule_ != Node::ValueRule::accumulate)
+          return give_up();  // an input recorded after its consumer (another thread's block of numbers)
+        if (single)
+          add_product<float>(next->value_grad_, g, node->partials_[i]);
+        else
+          add_product<double>(next->value_grad_, g, node->partials_[i]);
+      }
+    }
+    ++value_runs;
+    for (Node* node : reached) {
       if (node->value_rule_ == Node::ValueRule::accumulate) {
-        static_cast<AccumulateGrad*>(node)->accumulate_value(g);
-      } else {
-        const bool single = node->output_meta_.dtype == DType::Float32;
-        const std::size_t num_edges = node->next_edges_.size();
-        for (std::size_t i = 0; i < num_edges; ++i) {
-          const NodePtr& edge = node->next_edges_[i];
-          Node* next = edge.get();
-          if (!next) continue;
-          if (single)
-            add_product<float>(next->value_grad_, g, node->partials_[i]);
-          else
-            add_product<double>(next->value_grad_, g, node->partials_[i]);
-          if (--next->dependencies_ == 0) ready.push({next->sequence_nr_, &edge});
-        }
-        if (!retain_graph) {
-          node->release_saved();
-          node->released_ = true;
-        }
+        static_cast<AccumulateGrad*>(node)->accumulate_value(node->value_grad_);
+      } else if (!retain_graph) {
+        node->release_saved();
+        node->released_ = true;
       }
       node->visited_ = false;
     }
+    return true;
   }
 
   static void reset_scratch(Node& n) {
