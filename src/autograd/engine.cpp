@@ -225,7 +225,7 @@ class Engine {
   // sequence number down runs each one after all of its consumers, in the order the tensor path
   // runs them (its ready queue also takes the most recent op first). Accumulators are the
   // exception (one is made when its leaf is first used, after the node that uses it), but they
-  // only sum: each adds its total into `.grad` at the end. A graph built on several threads can
+  // only sum, so they are not queued: each adds its total into `.grad` at the end. A graph built on several threads can
   // break that order; the walk then gives up, as it does at a node that cannot run on numbers,
   // having changed nothing but the nodes' scratch, and the tensor path runs instead.
   static bool run_by_value(std::span<const NodePtr> roots, std::span<const Tensor> root_grads, bool retain_graph,
@@ -239,7 +239,7 @@ class Engine {
       n->visited_ = true;
       n->value_grad_ = 0;
       reached.push_back(n);
-      ready.push({n->sequence_nr_, &edge});
+      if (n->value_rule_ != Node::ValueRule::accumulate) ready.push({n->sequence_nr_, &edge});
       return true;
     };
     auto give_up = [&] {
@@ -260,7 +260,6 @@ class Engine {
     }
     while (!ready.empty()) {
       const Node* node = ready.pop().owner->get();
-      if (node->value_rule_ == Node::ValueRule::accumulate) continue;  // (its sum may still grow)
       const double g = node->value_grad_;
       const bool single = node->output_meta_.dtype == DType::Float32;
       const std::size_t num_edges = node->next_edges_.size();
