@@ -137,8 +137,11 @@ void TensorImpl::destroy() noexcept {
   Storage* held = storage.release();  // dropped below, with the head's own reference when it is that one
   void* block = this;
   // Most heads never joined a graph: then every member left is empty or trivial, and the
-  // destructor would only test them.
-  if (grad_fn || grad_impl || grad_accumulator || extras) this->~TensorImpl();
+  // destructor would only test them. Most of the others are an op's output, with only a node to drop.
+  if (grad_impl || grad_accumulator || extras)
+    this->~TensorImpl();
+  else if (grad_fn)
+    grad_fn.reset();
   if (held && held != own) intrusive_release(held);
   if (own)
     own->release_head_reference(held == own ? 1 : 0);  // frees the block unless a view still uses the storage
