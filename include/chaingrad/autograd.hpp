@@ -44,7 +44,17 @@ NodePtr make_node(Args&&... args);
 class SavedTensor {
  public:
   SavedTensor() = default;
-  SavedTensor(const Tensor& t, bool is_output);
+  // (Inline: every recorded op saves one or two.)
+  SavedTensor(const Tensor& t, bool is_output) {
+    if (!t.defined()) return;
+    version_ = t.version();
+    if (is_output) {  // (ops save their output before recording it, so it does not require grad yet)
+      data_ = t.detach();
+      reattach_ = true;
+    } else {
+      data_ = t;
+    }
+  }
   // `owner` is the node that saved it (needed to re-attach a saved output to its own node). The
   // reference is valid while the owner's backward runs (and, outside backward, until the next
   // unpack or reset).
@@ -255,6 +265,9 @@ NodePtr accumulator_edge(const Tensor& t);
 inline NodePtr gradient_edge(const Tensor& t) {
   if (!t.defined() || !t.requires_grad()) return nullptr;
   if (t.grad_fn()) return t.grad_fn();
+  const TensorImpl& leaf = *t.impl();  // (its accumulator, when still of the leaf's shape and dtype)
+  const NodePtr& cached = leaf.grad_accumulator;
+  if (cached && cached->output_meta().dtype == leaf.dtype && cached->output_meta().shape == leaf.shape) return cached;
   return detail::accumulator_edge(t);
 }
 

@@ -118,17 +118,6 @@ void detail::RunningNode::keep_until_done(const SavedTensor& saved) {
 detail::RunningNode* detail::RunningNode::current() { return running_node; }
 
 // ---------------------------------------------------------------- SavedTensor
-SavedTensor::SavedTensor(const Tensor& t, bool is_output) {
-  if (!t.defined()) return;
-  version_ = t.version();
-  if (is_output) {  // (ops save their output before recording it, so it does not require grad yet)
-    data_ = t.detach();
-    reattach_ = true;
-  } else {
-    data_ = t;
-  }
-}
-
 const Tensor& SavedTensor::unpack(const Node& owner) const {
   if (!data_.defined()) return data_;
   CG_CHECK(data_.version() == version_, AutogradError, owner.name(),
