@@ -561,6 +561,28 @@ TEST(VectorMath, GeluAndItsBackwardMatchDoublePrecisionAtEveryWidth) {
   EXPECT_GE(widths, 1);
 }
 
+// vsigmoid fuses its two steps per CPU width; the bits must stay those of e = vexp(-|x|), then
+// 1 / (1 + e) for x >= 0 and e / (1 + e) below, in IEEE float arithmetic.
+TEST(VectorMath, SigmoidIsExactlyItsTwoStepsFromVexp) {
+  std::vector<float> x = transcendental_inputs();
+  for (float v : {0.0f, -0.0f, 1e-30f, -1e-30f, 88.0f, -88.0f, 104.0f, -104.0f}) x.push_back(v);
+  const auto n = static_cast<std::int64_t>(x.size());
+  std::vector<float> e(x.size()), s(x.size());
+  for (std::size_t i = 0; i < x.size(); ++i) e[i] = -std::abs(x[i]);
+  kc::vexp(e.data(), e.data(), n);
+  kc::vsigmoid(x.data(), s.data(), n);
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const float r = 1.0f / (1.0f + e[i]);
+    const float want = x[i] >= 0.0f ? r : e[i] * r;
+    EXPECT_EQ(std::memcmp(&s[i], &want, sizeof(float)), 0) << "x=" << x[i] << " got " << s[i] << " want " << want;
+  }
+  for (std::int64_t len = 1; len <= 17; ++len) {  // one-element tensors and every tail
+    std::vector<float> part(static_cast<std::size_t>(len));
+    kc::vsigmoid(x.data() + 3, part.data(), len);
+    EXPECT_EQ(std::memcmp(part.data(), s.data() + 3, part.size() * sizeof(float)), 0) << "length " << len;
+  }
+}
+
 // Every length (the vector tails), cut anywhere, in place or not: the same bits as one call.
 TEST(VectorMath, ResultsDoNotDependOnLengthCutsOrAliasing) {
   std::vector<float> x(300);
