@@ -104,24 +104,19 @@ constexpr std::size_t kHeadWithStorageBytes = kHeadBytes + sizeof(Storage);
 static_assert(kHeadWithStorageBytes <= allocator::kMaxPooledObject);
 }  // namespace
 
-TensorImpl::TensorImpl() noexcept {}  // NOLINT(modernize-use-equals-default): `= default` would zero it
+// (The storage is constructed in place, not assigned: assigning would first release a null one.)
+TensorImpl::TensorImpl(StoragePtr s) noexcept : storage(std::move(s)) {}
 
-ImplPtr TensorImpl::make() {
-  return ImplPtr::adopt(new (allocator::allocate_object(sizeof(TensorImpl))) TensorImpl());
+ImplPtr TensorImpl::make(StoragePtr storage) {
+  return ImplPtr::adopt(new (allocator::allocate_object(sizeof(TensorImpl))) TensorImpl(std::move(storage)));
 }
 
 ImplPtr TensorImpl::make_with_storage(std::size_t nbytes) {
-  if (nbytes > Storage::kInlineBytes) {
-    StoragePtr storage = Storage::make(nbytes);
-    ImplPtr t = make();
-    t->storage = std::move(storage);
-    return t;
-  }
+  if (nbytes > Storage::kInlineBytes) return make(Storage::make(nbytes));
   void* block = allocator::allocate_object(kHeadWithStorageBytes);
-  auto* t = new (block) TensorImpl();
   // (inline data: constructing the storage allocates nothing and cannot throw)
   Storage* s = Storage::make_in(static_cast<char*>(block) + kHeadBytes, nbytes, block, kHeadWithStorageBytes);
-  t->storage = StoragePtr::adopt(s);
+  auto* t = new (block) TensorImpl(StoragePtr::adopt(s));
   t->own_storage_ = s;
   return ImplPtr::adopt(t);
 }
@@ -155,8 +150,7 @@ const std::string& TensorImpl::name() const {
 }
 
 Tensor Tensor::detach() const {
-  ImplPtr impl = TensorImpl::make();
-  impl->storage = impl_->storage;
+  ImplPtr impl = TensorImpl::make(impl_->storage);
   impl->shape = impl_->shape;
   impl->strides = impl_->strides;
   impl->offset = impl_->offset;

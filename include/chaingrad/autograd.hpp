@@ -44,17 +44,12 @@ NodePtr make_node(Args&&... args);
 class SavedTensor {
  public:
   SavedTensor() = default;
-  // (Inline: every recorded op saves one or two.)
-  SavedTensor(const Tensor& t, bool is_output) {
-    if (!t.defined()) return;
-    version_ = t.version();
-    if (is_output) {  // (ops save their output before recording it, so it does not require grad yet)
-      data_ = t.detach();
-      reattach_ = true;
-    } else {
-      data_ = t;
-    }
-  }
+  // (Inline, and members constructed rather than assigned: every recorded op saves one or two.
+  // Ops save their output before recording it, so it does not require grad yet.)
+  SavedTensor(const Tensor& t, bool is_output)
+      : data_(is_output && t.defined() ? t.detach() : t),
+        version_(t.defined() ? t.version() : 0),
+        reattach_(is_output && t.defined()) {}
   // `owner` is the node that saved it (needed to re-attach a saved output to its own node). The
   // reference is valid while the owner's backward runs (and, outside backward, until the next
   // unpack or reset).

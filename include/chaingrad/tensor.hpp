@@ -31,15 +31,15 @@ using ImplPtr = IntrusivePtr<TensorImpl>;
 // from the per-thread object pool and are counted in place (IntrusivePtr); a tensor of at most
 // Storage::kInlineBytes of data gets its head, storage and data in one pooled block (make_with_storage).
 struct TensorImpl {
-  // A head with no storage yet (views and aliases set it).
-  static ImplPtr make();
+  // A head over `storage` (a view's or alias's: shared).
+  static ImplPtr make(StoragePtr storage);
   // A head over fresh contiguous storage of `nbytes`.
   static ImplPtr make_with_storage(std::size_t nbytes);
 
-  // User-provided, so that construction does not zero the whole object before the member
-  // initializers run; out of line (tensor.cpp, where make() inlines it), since it names the
-  // destructors of its NodePtr members, which need autograd.hpp.
-  TensorImpl() noexcept;
+  // Over `s`, every other member empty. User-provided, so that construction does not zero the
+  // whole object before the member initializers run; out of line (tensor.cpp, where make() inlines
+  // it), since it names the destructors of its NodePtr members, which need autograd.hpp.
+  explicit TensorImpl(StoragePtr s) noexcept;
   TensorImpl(const TensorImpl&) = delete;
   TensorImpl& operator=(const TensorImpl&) = delete;
 

@@ -44,8 +44,7 @@ Dims reduced_shape(const Dims& shape, const std::vector<int>& dims, bool keepdim
 
 // With offset -1, builds the broadcast (expand) view of x to `shape`: stride 0 on new/size-1 dims.
 Tensor make_view(const Tensor& x, const Dims& shape, const Dims& strides, std::int64_t offset) {
-  ImplPtr impl = TensorImpl::make();
-  impl->storage = x.storage();
+  ImplPtr impl = TensorImpl::make(x.storage());
   impl->dtype = x.dtype();
   impl->shape = shape;
   if (offset >= 0) {
