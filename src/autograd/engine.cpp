@@ -1,6 +1,7 @@
 // The backward engine: an iterative walk in reverse topological order (no recursion, so a chain
 // of 100,000 ops is fine), dependency counts for readiness, gradient sums at fan-out, broadcast
 // reduction and dtype restoration for every input gradient (pattern 3: the engine owns plumbing).
+// A graph of one-element values runs on numbers, in sequence-number order (Note [one-element graphs]).
 #include <algorithm>
 #include <memory>
 #include <optional>
