@@ -75,7 +75,11 @@ def parse_args():
     ap.add_argument("--seed", type=int, default=0,
                     help="seed of round 1; round r uses seed + r - 1 on both sides, so the accuracy "
                          "columns are means over as many initializations and data orders as rounds")
-    ap.add_argument("--iters", type=int, default=100000, help="scalar workload iterations")
+    ap.add_argument("--iters", type=int, default=100000, help="scalar workload iterations of the peers")
+    ap.add_argument("--cg-iters", type=int, default=None,
+                    help="scalar workload iterations of chaingrad (default: 10 x --iters). Its steps "
+                         "are ~80x shorter than the peers'; at the same count its sample lasts ~50 ms "
+                         "against their 4-6 s, and one burst of another process's load moves it")
     ap.add_argument("--scalar-mode", default="fb",
                     help="peers' scalar_autograd mode; chaingrad gets --mode only if not fb")
     ap.add_argument("--chaingrad", default=os.path.join(REPO, "build", "chaingrad"),
@@ -233,7 +237,8 @@ def build_configs(a, notes):
     for env_v in a.envs:
         for w in a.workloads:
             if w == "scalar":
-                cg = [a.chaingrad, "bench", "scalar", "--iters", str(a.iters), "--json"]
+                cg_iters = a.cg_iters if a.cg_iters is not None else 10 * a.iters
+                cg = [a.chaingrad, "bench", "scalar", "--iters", str(cg_iters), "--json"]
                 if a.scalar_mode != "fb":
                     cg += ["--mode", a.scalar_mode]
                 cg += cg_extra

@@ -36,6 +36,37 @@ class OpenBlasFallbackNote(unittest.TestCase):
         self.assertIsNone(compare.openblas_fallback_note({"as-set": "Prescott"}))
 
 
+def dry_run(argv):
+    import contextlib
+    import io
+    out = io.StringIO()
+    saved_argv = sys.argv
+    try:
+        sys.argv = ["compare.py", "--dry-run"] + argv
+        with contextlib.redirect_stdout(out):
+            try:
+                compare.main()
+            except SystemExit:
+                pass
+    finally:
+        sys.argv = saved_argv
+    return out.getvalue()
+
+
+class ScalarIterations(unittest.TestCase):
+    def test_chaingrad_runs_ten_times_the_peers_steps_unless_told(self):
+        out = dry_run(["--workload", "scalar", "--peers", "torch", "--iters", "2000", "--chaingrad", "/bin/true"])
+        cg = [l for l in out.splitlines() if "/bin/true bench scalar" in l]
+        peer = [l for l in out.splitlines() if "scalar_autograd.py" in l]
+        self.assertTrue(cg and peer, out)
+        self.assertTrue(all("--iters 20000 " in l for l in cg), cg)
+        self.assertTrue(all("--iters 2000 " in l for l in peer), peer)
+        out = dry_run(["--workload", "scalar", "--peers", "torch", "--iters", "2000", "--cg-iters", "3000",
+                       "--chaingrad", "/bin/true"])
+        cg = [l for l in out.splitlines() if "/bin/true bench scalar" in l]
+        self.assertTrue(cg and all("--iters 3000 " in l for l in cg), out)
+
+
 class PeerBlasThreads(unittest.TestCase):
     def test_fewer_threads_than_cpus_give_the_peer_as_many_blas_threads(self):
         self.assertEqual(compare.peer_blas_prefix("match", 1, environ={}, cpus=2),
