@@ -80,26 +80,16 @@ class PeerBlasThreads(unittest.TestCase):
         self.assertEqual(compare.peer_blas_prefix("own", 1, environ={}, cpus=2), [])
 
     def test_dry_run_of_one_thread_shows_the_prefix_on_the_peer_only(self):
-        import contextlib
-        import io
-        argv = ["compare.py", "--dry-run", "--workload", "mlp", "--batch", "64", "--threads", "1",
-                "--peers", "torch", "--chaingrad", "/bin/true"]
-        saved_argv, saved_env = sys.argv, os.environ.pop("OPENBLAS_NUM_THREADS", None)
-        out = io.StringIO()
+        saved_env = os.environ.pop("OPENBLAS_NUM_THREADS", None)
         try:
-            sys.argv = argv
-            with contextlib.redirect_stdout(out):
-                try:
-                    compare.main()
-                except SystemExit:
-                    pass
+            out = dry_run(["--workload", "mlp", "--batch", "64", "--threads", "1", "--peers", "torch",
+                           "--chaingrad", "/bin/true"])
         finally:
-            sys.argv = saved_argv
             if saved_env is not None:
                 os.environ["OPENBLAS_NUM_THREADS"] = saved_env
-        lines = [l for l in out.getvalue().splitlines() if "torch_mlp.py" in l or "/bin/true" in l]
+        lines = [l for l in out.splitlines() if "torch_mlp.py" in l or "/bin/true" in l]
         peer = [l for l in lines if "torch_mlp.py" in l]
-        self.assertTrue(peer, out.getvalue())
+        self.assertTrue(peer, out)
         if (os.cpu_count() or 1) > 1:
             self.assertTrue(all("OPENBLAS_NUM_THREADS=1" in l for l in peer), peer)
         self.assertFalse(any("OPENBLAS_NUM_THREADS" in l for l in lines if "/bin/true" in l), lines)
