@@ -138,9 +138,11 @@ void TensorImpl::destroy() noexcept {
   else if (grad_fn)
     grad_fn.reset();
   if (held && held != own) intrusive_release(held);
-  if (own)
-    own->release_head_reference(held == own ? 1 : 0);  // frees the block unless a view still uses the storage
-  else
+  if (own) {
+    // The block goes with the last of the head and the views of its storage (a view's release
+    // frees it through Storage::destroy). Its size is known here, so its free list is too.
+    if (own->release_head_reference(held == own ? 1 : 0)) allocator::deallocate_object(block, kHeadWithStorageBytes);
+  } else
     allocator::deallocate_object(block, sizeof(TensorImpl));
 }
 

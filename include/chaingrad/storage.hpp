@@ -104,18 +104,20 @@ class Storage {
   static StoragePtr make(std::size_t nbytes);
   // A storage constructed at `at`, inside a larger pooled block of `block_bytes` bytes that starts
   // at `block`, and the reference of the head that shares the block (see kHeadReference). Its
-  // count starts at one ordinary reference besides.
+  // count starts at one ordinary reference besides. `nbytes` is at most kInlineBytes: the data
+  // lives inline, so the head may free the block without running the destructor.
   static Storage* make_in(void* at, std::size_t nbytes, void* block, std::size_t block_bytes);
   // The block is freed when the last reference goes, so a tensor head in the same block holds a
   // reference of its own for as long as it lives, even if its `storage` is reassigned. That
   // reference weighs kHeadReference, so use_count() can leave it out: it tells whether any *tensor*
   // other than one handle shares the data.
   static constexpr std::int64_t kHeadReference = std::int64_t{1} << 40;
-  // Drops the head's reference and `ordinary` (0 or 1) ordinary ones.
-  void release_head_reference(std::int64_t ordinary) noexcept {
+  // Drops the head's reference and `ordinary` (0 or 1) ordinary ones. True when they were the
+  // last: the caller then frees the block, whose inline data needs no destructor (make_in's storage
+  // always holds its data inline).
+  [[nodiscard]] bool release_head_reference(std::int64_t ordinary) noexcept {
     const std::int64_t mine = kHeadReference + ordinary;
-    if (refs_.load(std::memory_order_acquire) == mine || refs_.fetch_sub(mine, std::memory_order_acq_rel) == mine)
-      destroy();
+    return refs_.load(std::memory_order_acquire) == mine || refs_.fetch_sub(mine, std::memory_order_acq_rel) == mine;
   }
   Storage(const Storage&) = delete;
   Storage& operator=(const Storage&) = delete;
