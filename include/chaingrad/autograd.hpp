@@ -252,8 +252,9 @@ class AccumulateGrad final : public Node {
 };
 
 namespace detail {
-// gradient_edge for a leaf that requires grad: its accumulator, made on first use.
-NodePtr accumulator_edge(const Tensor& t);
+// gradient_edge for a leaf that requires grad and has no accumulator of its shape and dtype yet:
+// makes it (the first use, or after Module::to).
+NodePtr new_accumulator_edge(const Tensor& t);
 }  // namespace detail
 // The edge through which a gradient reaches `t`: its grad_fn, its accumulator if it is a leaf
 // requiring grad, or null. (Inline: recording an op asks once per input.)
@@ -263,7 +264,7 @@ inline NodePtr gradient_edge(const Tensor& t) {
   const TensorImpl& leaf = *t.impl();  // (its accumulator, when still of the leaf's shape and dtype)
   const NodePtr& cached = leaf.grad_accumulator;
   if (cached && cached->output_meta().dtype == leaf.dtype && cached->output_meta().shape == leaf.shape) return cached;
-  return detail::accumulator_edge(t);
+  return detail::new_accumulator_edge(t);
 }
 
 // ---- grad mode ----

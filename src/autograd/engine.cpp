@@ -226,9 +226,10 @@ class Engine {
   // sequence number down runs each one after all of its consumers, in the order the tensor path
   // runs them (its ready queue also takes the most recent op first). Accumulators are the
   // exception (one is made when its leaf is first used, after the node that uses it), but they
-  // only sum, so they are not queued: each adds its total into `.grad` at the end. A graph built on several threads can
-  // break that order; the walk then gives up, as it does at a node that cannot run on numbers,
-  // having changed nothing but the nodes' scratch, and the tensor path runs instead.
+  // only sum, so they are not queued: each adds its total into `.grad` at the end. A graph built
+  // on several threads can break that order; the walk then gives up, as it does at a node that
+  // cannot run on numbers, having changed nothing but the nodes' scratch, and the tensor path
+  // runs instead.
   static bool run_by_value(std::span<const NodePtr> roots, std::span<const Tensor> root_grads, bool retain_graph,
                            Scratch& scratch) {
     std::vector<Node*>& reached = scratch.nodes;

@@ -219,11 +219,9 @@ GradList AccumulateGrad::apply(Tensor&& grad_output) {
   return {};
 }
 
-NodePtr detail::accumulator_edge(const Tensor& t) {
+NodePtr detail::new_accumulator_edge(const Tensor& t) {
   TensorImpl* impl = t.impl();
   const NodePtr& cached = impl->grad_accumulator;
-  if (cached && cached->output_meta().shape == impl->shape && cached->output_meta().dtype == impl->dtype)
-    return cached;
   // A leaf whose shape or dtype changed (Module::to) gets a new accumulator; graphs recorded before
   // the change no longer reach the leaf through the old one.
   if (cached) static_cast<AccumulateGrad&>(*cached).forget_leaf();
