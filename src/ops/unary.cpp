@@ -173,32 +173,21 @@ Tensor erf(const Tensor& x) {
 Tensor sigmoid(const Tensor& x) {
   Tensor out = vector_unary(x, "sigmoid", kernels::vsigmoid, [](auto v) { return stable_sigmoid(v); });
   if (!detail::any_requires_grad({x})) return out;
-  auto partials = [](auto, auto y) { return std::array{sigmoid_grad(decltype(y)(1), y)}; };
-  if (out.numel() == 1) {
-    // One element (a scalar formula): keeping the input costs a reference, where keeping the
-    // output costs a detached alias (a new head, Note [saved tensors]); y is recomputed instead
-    // on the rare tensor-path backward. Differentiating through that sigmoid gives the same
-    // second derivatives as through the re-attached output.
-    record(
-        "sigmoid", {x}, out,
-        [sx = SavedTensor(x, false)](Tensor g, const Node& self) {
-          const Tensor& xv = sx.unpack(self);
-          if (!GradMode::is_enabled())
-            return GradList{detail::grad_map(std::move(g), sigmoid(xv), "sigmoid_backward", sigmoid_grad)};
-          return GradList{sigmoid_backward(g, sigmoid(xv))};
-        },
-        partials);
-  } else {
-    record(
-        "sigmoid", {x}, out,
-        [so = SavedTensor(out, true)](Tensor g, const Node& self) {
-          const Tensor& y = so.unpack(self);
-          if (!GradMode::is_enabled())
-            return GradList{detail::grad_map(std::move(g), y, "sigmoid_backward", sigmoid_grad)};
-          return GradList{sigmoid_backward(g, y)};
-        },
-        partials);
-  }
+  // One element (a scalar formula): keeping the input costs a reference, where keeping the output
+  // costs a detached alias (a new head, Note [saved tensors]); y is then recomputed on the rare
+  // tensor-path backward. Differentiating through that sigmoid gives the same second derivatives
+  // as through the re-attached output.
+  const bool keep_input = out.numel() == 1;
+  record(
+      "sigmoid", {x}, out,
+      [s = SavedTensor(keep_input ? x : out, !keep_input), keep_input](Tensor g, const Node& self) {
+        const Tensor& saved = s.unpack(self);
+        const Tensor y = keep_input ? sigmoid(saved) : saved;
+        if (!GradMode::is_enabled())
+          return GradList{detail::grad_map(std::move(g), y, "sigmoid_backward", sigmoid_grad)};
+        return GradList{sigmoid_backward(g, y)};
+      },
+      [](auto, auto y) { return std::array{sigmoid_grad(decltype(y)(1), y)}; });
   return out;
 }
 

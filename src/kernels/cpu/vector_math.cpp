@@ -56,7 +56,7 @@ CG_AVX2 void map8(const float* x, float* y, std::int64_t n) {
   if (i + 1 == n) {
     // One element (every op of a scalar formula): a masked load cannot take its value from the
     // store that just wrote it, nor can the next op's load take it from a masked store, and each
-    // waits for the store to reach the cache (an expf took 19-28 ns instead of 5 on an AMD EPYC
+    // waits for the store to reach the cache (an expf took 19-35 ns instead of 5 on an AMD EPYC
     // Zen 4). A broadcast load and a scalar store forward; the lane's bits are the same.
     y[i] = _mm256_cvtss_f32(F(_mm256_set1_ps(x[i])));
   } else if (i < n) {
@@ -164,8 +164,8 @@ __attribute__((target("avx2,fma"))) inline __m256 sigmoid8(__m256 x) {
 __attribute__((target("avx2,fma"))) void sigmoid_lanes8(const float* x, float* y, std::int64_t n) {
   map8<sigmoid8>(x, y, n);
 }
-// The same in 16 lanes, where vexp would use the 16-lane expf (AVX-512): one pass, no staging
-// buffer, and for a one-element tensor (each sigmoid of a scalar formula) one masked vector.
+// The same in 16 lanes, where vexp would use the 16-lane expf (AVX-512): one pass, with no
+// staging buffer.
 __attribute__((target("avx512f"))) inline __m512 sigmoid16(__m512 x) {
   const __m512 minus_abs = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN)));
   const __m512 e = _ZGVeN16v_expf(minus_abs);
