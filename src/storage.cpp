@@ -1,5 +1,7 @@
 #include "chaingrad/storage.hpp"
 
+#include <sys/mman.h>
+
 #include <atomic>
 #include <cstdlib>
 #include <mutex>
@@ -33,6 +35,28 @@ struct Cache {
       for (void* p : list) std::free(p);
   }
 };
+
+// Buffers of 4 MiB and more start on a 2 MiB boundary and are advised for transparent huge pages
+// (this machine's kernel gives them only on request: THP "madvise"). The training set is one such
+// buffer, and each step gathers rows from all over it: on 4 KiB pages nearly every row also missed
+// the TLB. Fashion-MNIST's 47 MB of bytes, batch 256 on two threads (/tmp harness timing each
+// phase, 7 interleaved runs): the gather 51 -> 39 us a step, the whole step 3% shorter (paired).
+// A smaller buffer is not worth its rounding up to whole 2 MiB pages.
+constexpr std::size_t kHugePage = std::size_t{2} << 20, kHugeMin = 2 * kHugePage;
+
+void* os_allocate(std::size_t cls) {
+  if (cls < kHugeMin) {
+    void* p = std::aligned_alloc(kAlignment, cls);
+    if (!p) throw std::bad_alloc();
+    return p;
+  }
+  const std::size_t rounded = (cls + kHugePage - 1) / kHugePage * kHugePage;
+  void* p = std::aligned_alloc(kHugePage, rounded);
+  if (!p) throw std::bad_alloc();
+  // (Advice only: without huge pages, as in a container that forbids them, nothing changes.)
+  ::madvise(p, rounded, MADV_HUGEPAGE);
+  return p;
+}
 
 Cache& cache() {
   static Cache* c = new Cache();  // never destroyed: tensors may outlive static destruction order
@@ -114,8 +138,7 @@ void* allocate(std::size_t nbytes) {
       return p;
     }
   }
-  void* p = std::aligned_alloc(kAlignment, cls);
-  if (!p) throw std::bad_alloc();
+  void* p = os_allocate(cls);
   std::lock_guard lock(c.mu);
   c.stats.os_allocations++;
   c.stats.bytes_in_use += cls;

@@ -225,6 +225,18 @@ TEST(Allocator, WarmStepAllocatesNothingFromTheOs) {
   EXPECT_GT(cg::allocator::stats().cache_hits, 0u);
 }
 
+TEST(Allocator, LargeBuffersStartOnAHugePageBoundary) {
+  constexpr std::uintptr_t kHugePage = std::uintptr_t{2} << 20;
+  for (const std::int64_t n : {std::int64_t{1} << 20, (std::int64_t{5} << 20) / 4 + 3, std::int64_t{47040000} / 4}) {
+    Tensor t = cg::zeros({n}, {.dtype = cg::DType::Float32});
+    EXPECT_EQ(reinterpret_cast<std::uintptr_t>(t.raw_data()) % kHugePage, 0u) << n << " floats";
+    t.fill_(1.0);  // every byte is writable
+    EXPECT_EQ(t.to_vector<float>().back(), 1.0f);
+  }
+  Tensor small = cg::zeros({1000});
+  EXPECT_EQ(reinterpret_cast<std::uintptr_t>(small.raw_data()) % 64, 0u);
+}
+
 TEST(Tensor, InPlaceOpsAndConversion) {
   Tensor a = cg::ones({2, 2});
   a.add_(cg::tensor({1.0, 2.0}, false, cg::DType::Float32), 2.0);

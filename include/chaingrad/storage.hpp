@@ -23,6 +23,7 @@ struct AllocatorStats {
 };
 
 namespace allocator {
+// Buffers of 4 MiB and more are 2 MiB-aligned (and advised for huge pages); others 64-byte-aligned.
 void* allocate(std::size_t nbytes);
 void deallocate(void* p, std::size_t nbytes) noexcept;
 AllocatorStats stats();
