@@ -5,6 +5,7 @@
 #include "test_util.hpp"
 
 #include <cmath>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -102,6 +103,145 @@ TEST(OptimSGD, Float32SkipsMissingGradsAndValidates) {
   expect_error<cg::ValueError>([&] { optim::SGD bad({a, a}); }, {"appears more than once"});
   expect_error<cg::ValueError>([&] { optim::SGD bad({cg::ones({2})}); }, {"requires grad"});
   expect_error<cg::ValueError>([&] { optim::SGD bad({a}, {.lr = -1}); }, {"lr must be"});
+}
+
+// ---------------------------------------------------------------- SGD in backward
+namespace {
+
+// A two-layer perceptron and its loss on a batch, in `dtype`; the same seed gives the same weights.
+struct TinyMlp {
+  cg::Generator gen;
+  nn::Linear l1, l2;
+  TinyMlp(std::uint64_t seed, DType dtype) : gen(seed), l1(5, 7, true, &gen), l2(7, 3, true, &gen) {
+    l1.to(dtype);
+    l2.to(dtype);
+  }
+  std::vector<Tensor> params() { return {l1.weight, l1.bias, l2.weight, l2.bias}; }
+  // x: [..., 5]; a 3-D batch runs the linear layers' reshaping path.
+  Tensor loss(const Tensor& x) { return cg::sum(cg::square(l2.forward(cg::relu(l1.forward(x))))); }
+};
+
+}  // namespace
+
+// The folded step gives the parameters that backward + step() give, through a weight decay and a
+// schedule that changes lr every step; the weights are updated by backward itself and get no `.grad`.
+TEST(OptimSGDInBackward, MatchesTheStepAfterBackward) {
+  const int saved = cg::get_num_threads();
+  for (const DType dtype : {DType::Float64, DType::Float32}) {
+    for (const int threads : {1, 2}) {
+      cg::set_num_threads(threads);
+      TinyMlp plain(3, dtype), folded(3, dtype);
+      optim::SGD plain_opt(plain.params(), {.lr = 0.1, .weight_decay = 0.01});
+      optim::SGD folded_opt(folded.params(), {.lr = 0.1, .weight_decay = 0.01, .in_backward = true});
+      optim::StepLR plain_sched(plain_opt, 1, 0.5), folded_sched(folded_opt, 1, 0.5);
+      cg::Generator data(7);
+      const double tol = dtype == DType::Float64 ? 1e-12 : 1e-5;
+      for (int step = 0; step < 4; ++step) {
+        const Tensor x = cg::randn(step % 2 ? cg::Dims{2, 3, 5} : cg::Dims{6, 5}, {.dtype = dtype}, &data);
+        const Tensor w1_before = folded.l1.weight.detach().clone();
+        for (TinyMlp* m : {&plain, &folded}) {
+          optim::SGD& opt = m == &plain ? plain_opt : folded_opt;
+          opt.zero_grad();
+          m->loss(x).backward();
+        }
+        EXPECT_FALSE(folded.l1.weight.grad().defined());
+        EXPECT_FALSE(folded.l2.weight.grad().defined());
+        EXPECT_TRUE(folded.l1.bias.grad().defined());  // (a sum, not a product: step() updates biases)
+        EXPECT_FALSE(cg::allclose(folded.l1.weight, w1_before, 0, 0)) << "backward left the weight as it was";
+        plain_opt.step();
+        folded_opt.step();
+        plain_sched.step();
+        folded_sched.step();
+        const auto pp = plain.params(), fp = folded.params();
+        for (std::size_t i = 0; i < pp.size(); ++i) {
+          const auto a = pp[i].to_vector<double>(), b = fp[i].to_vector<double>();
+          for (std::size_t j = 0; j < a.size(); ++j)
+            ASSERT_NEAR(b[j], a[j], tol * (1 + std::abs(a[j])))
+                << dtype << ", " << threads << " threads, step " << step << ", parameter " << i
+                << ", element " << j;
+        }
+      }
+    }
+  }
+  cg::set_num_threads(saved);
+}
+
+// Wherever somebody may look at a weight's gradient, or it does not come from one product alone,
+// backward makes it as usual and leaves the weight alone.
+TEST(OptimSGDInBackward, MakesTheGradientWhereItIsWanted) {
+  cg::Generator gen(5);
+  const Tensor x = cg::randn({4, 6}, {}, &gen);
+  struct Case {
+    const char* name;
+    std::function<void(Tensor& w, Tensor& b)> run;  // a backward that must leave w.grad defined
+  };
+  const std::vector<Case> cases{
+      {"the weight used twice", [&](Tensor& w, Tensor& b) { cg::sum(cg::linear(cg::linear(x, w, b), w, b)).backward(); }},
+      {"a .grad already there",
+       [&](Tensor& w, Tensor& b) {
+         w.set_grad(cg::zeros_like(w));
+         cg::sum(cg::linear(x, w, b)).backward();
+       }},
+      {"a hook on the weight",
+       [&](Tensor& w, Tensor& b) {
+         w.register_hook([](const Tensor& g) { return g; });
+         cg::sum(cg::linear(x, w, b)).backward();
+       }},
+      {"create_graph", [&](Tensor& w, Tensor& b) { cg::sum(cg::linear(x, w, b)).backward({}, false, true); }},
+      {"anomaly mode",
+       [&](Tensor& w, Tensor& b) {
+         cg::DetectAnomalyGuard anomaly;
+         cg::sum(cg::linear(x, w, b)).backward();
+       }},
+      {"grad()",
+       [&](Tensor& w, Tensor& b) {
+         w.set_grad(cg::autograd::grad({cg::sum(cg::linear(x, w, b))}, {w})[0]);
+       }},
+  };
+  for (const Case& c : cases) {
+    Tensor w = cg::randn({6, 6}, {.requires_grad = true}, &gen), b = cg::zeros({6}, {.requires_grad = true});
+    optim::SGD opt({w, b}, {.lr = 0.1, .in_backward = true});
+    const Tensor before = w.detach().clone();
+    c.run(w, b);
+    EXPECT_TRUE(w.grad().defined()) << c.name;
+    EXPECT_TRUE(cg::allclose(w, before, 0, 0)) << c.name << ": backward changed the weight";
+  }
+  // Turned off, and after the optimizer is gone.
+  Tensor w = cg::randn({6, 6}, {.requires_grad = true}, &gen), b = cg::zeros({6}, {.requires_grad = true});
+  {
+    optim::SGD opt({w, b}, {.lr = 0.1, .in_backward = true});
+    opt.set_in_backward(false);
+    cg::sum(cg::linear(x, w, b)).backward();
+    EXPECT_TRUE(w.grad().defined());
+    opt.zero_grad();
+    opt.set_in_backward(true);
+    cg::sum(cg::linear(x, w, b)).backward();
+    EXPECT_FALSE(w.grad().defined());
+  }
+  cg::sum(cg::linear(x, w, b)).backward();
+  EXPECT_TRUE(w.grad().defined());
+}
+
+// A node that saved the weight and runs after the folded update would read the new values: it
+// fails, naming the in-place change, as it would after any other.
+TEST(OptimSGDInBackward, ANodeThatReadsTheWeightAfterTheUpdateFails) {
+  Tensor w = cg::ones({2, 3}, {.requires_grad = true});
+  const Tensor u = cg::ones({2, 3}, {.requires_grad = true});
+  optim::SGD opt({w}, {.lr = 0.1, .in_backward = true});
+  const Tensor early = cg::sum(cg::mul(u, w.detach()));  // recorded first, so it runs last
+  const Tensor late = cg::sum(cg::linear(cg::ones({4, 3}), w));
+  expect_error<cg::AutogradError>([&] { cg::add(early, late).backward(); }, {"mul", "in-place", "version"});
+}
+
+TEST(OptimSGDInBackward, ValidatesItsUse) {
+  Tensor w = cg::ones({2, 3}, {.requires_grad = true});
+  expect_error<cg::ValueError>([&] { optim::SGD bad({w}, {.lr = 0.1, .momentum = 0.9, .in_backward = true}); },
+                               {"in_backward", "momentum 0", "0.9"});
+  optim::SGD momentum({w}, {.lr = 0.1, .momentum = 0.9});
+  expect_error<cg::ValueError>([&] { momentum.set_in_backward(true); }, {"in_backward", "momentum 0"});
+  optim::SGD first({w}, {.lr = 0.1, .in_backward = true});
+  expect_error<cg::ValueError>([&] { optim::SGD second({w}, {.lr = 0.1, .in_backward = true}); },
+                               {"[2, 3]", "already updated in backward"});
 }
 
 // ---------------------------------------------------------------- Adam

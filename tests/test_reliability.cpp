@@ -502,6 +502,54 @@ TEST_F(Training, SigkillDuringSavesLeavesOldOrNewCheckpoints) {
   RecordProperty("resumes", resumes);
 }
 
+// ================================================================ SGD's step in backward
+
+// Tensors of the same names and shapes, equal to within `tol` relative.
+::testing::AssertionResult close_tensors(const std::string& a, const std::string& b, double tol) {
+  const auto fa = cg::io::load_safetensors(a), fb = cg::io::load_safetensors(b);
+  if (fa.tensors.size() != fb.tensors.size()) return ::testing::AssertionFailure() << "tensor counts differ";
+  for (std::size_t i = 0; i < fa.tensors.size(); ++i) {
+    const auto& [na, ta] = fa.tensors[i];
+    const auto& [nb, tb] = fb.tensors[i];
+    if (na != nb || ta.shape() != tb.shape()) return ::testing::AssertionFailure() << na << " vs " << nb;
+    const auto va = ta.to_vector<double>(), vb = tb.to_vector<double>();
+    for (std::size_t j = 0; j < va.size(); ++j)
+      if (std::abs(va[j] - vb[j]) > tol * (1 + std::abs(va[j])))
+        return ::testing::AssertionFailure() << na << "[" << j << "]: " << va[j] << " vs " << vb[j];
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// --optimizer sgd folds its step into the products that make the weights' gradients (Note [updates
+// in backward]): training goes as with the step after backward, to rounding. On the steps that
+// --gradflow records, the gradients are made, so the table has the weights' norms.
+TEST_F(Training, SgdStepInBackwardTrainsLikeTheStepAfterIt) {
+  const std::vector<std::string> common{"--model", "linear(32) relu linear(3)", "--batch-size", "16", "--epochs", "2",
+                                        "--optimizer", "sgd", "--schedule", "cosine"};
+  auto with = [&](std::vector<std::string> extra) {
+    extra.insert(extra.begin(), common.begin(), common.end());
+    return extra;
+  };
+  const Outcome folded = train(with({"--out", out("folded")}));
+  ASSERT_EQ(folded.exit_code, 0) << describe(folded);
+  const Outcome plain = train(with({"--no-step-in-backward", "--out", out("plain")}));
+  ASSERT_EQ(plain.exit_code, 0) << describe(plain);
+  EXPECT_TRUE(close_tensors(last("plain"), last("folded"), 1e-4));
+  const Outcome flow = train(with({"--gradflow", "--gradflow-every", "4", "--out", out("flow")}));
+  ASSERT_EQ(flow.exit_code, 0) << describe(flow);
+  EXPECT_TRUE(close_tensors(last("plain"), last("flow"), 1e-4));
+  int weight_rows = 0;
+  for (const std::string& line : lines_of(flow.out + flow.err)) {
+    std::istringstream row(line);
+    std::string name, shape_a, shape_b, grad_norm;
+    row >> name >> shape_a >> shape_b >> grad_norm;  // "0.weight [32, 8] 1.2e-01 ..."
+    if (!name.ends_with(".weight")) continue;
+    ++weight_rows;
+    EXPECT_NE(grad_norm, "-") << "no gradient recorded: " << line;
+  }
+  EXPECT_EQ(weight_rows, 2 * 2) << flow.out;  // two layers, a table at each epoch's end
+}
+
 // ================================================================ divergence
 
 TEST_F(Training, DivergingLossStopsAndLeavesTheLastGoodCheckpoint) {

@@ -60,6 +60,7 @@ struct TrainOptions {
   bool distributed = false;     // --distributed: one rank of an mpirun job (docs/distributed.md)
   bool overlap_comm = false;    // --overlap-comm: allreduce gradient buckets during backward
   double bucket_mb = 25;        // --bucket-mb: gradient bucket size
+  bool step_in_backward = true;  // --no-step-in-backward: --optimizer sgd makes every gradient, then steps
 };
 
 // ---- resume and reliability (docs/reliability.md) ----
@@ -256,6 +257,12 @@ void run_train(const TrainOptions& o_in) {
            ": the checkpoint was saved in the middle of an epoch with --batch-size ",
            info.extra["chaingrad.batch_size"], "; resume it with that batch size, or from an epoch-N checkpoint");
   auto opt = make_optimizer(o, model->parameters());
+  // Plain SGD folds its step into the products that make the weights' gradients (Note [updates in
+  // backward], autograd.hpp), except where gradients must be seen whole: averaged over the ranks,
+  // or on a step that --gradflow records.
+  auto* const sgd_in_backward =
+      o.optimizer == "sgd" && o.step_in_backward && !dist ? static_cast<cg::optim::SGD*>(opt.get()) : nullptr;
+  if (sgd_in_backward) sgd_in_backward->set_in_backward(true);
   if (!o.resume.empty()) {
     bool found = false;
     auto state = cli::load_optimizer_state(o.resume, start_step < 0 ? "" : std::to_string(start_step), found);
@@ -443,6 +450,7 @@ void run_train(const TrainOptions& o_in) {
       const cg::data::Batch batch = dist ? dist->batch(b) : loader.batch(b);
       const cg::Tensor loss = cg::cross_entropy((*model)(batch.inputs), batch.labels);
       opt->zero_grad();
+      if (sgd_in_backward && flow) sgd_in_backward->set_in_backward(!flow->due());
       if (dist) dist->before_backward();
       loss.backward();
       if (dist) dist->after_backward();  // gradients averaged over the ranks
@@ -580,6 +588,10 @@ void add_train_command(CLI::App& app) {
   cmd->add_option("--bucket-mb", o->bucket_mb, "With --distributed: gradient bucket size in MB")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  cmd->add_flag("!--no-step-in-backward", o->step_in_backward,
+                "With --optimizer sgd: make every weight's gradient and step after backward, rather than fold "
+                "the step into the products that make the linear layers' weight gradients (the same update, "
+                "without a pass over the weights and gradients; for comparisons)");
   cmd->add_option("--report", o->report,
                   "Write a self-contained HTML training report (curves, gradient flow, warnings, confusion matrix) "
                   "to FILE, rewritten after each epoch")

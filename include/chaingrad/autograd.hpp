@@ -109,6 +109,30 @@ class RunningNode {
 };
 }  // namespace detail
 
+// Note [updates in backward]
+// An optimizer's step reads every gradient back from memory after backward() wrote it: for plain
+// SGD on an MLP, a whole extra pass over the weights and their gradients each step. Where one
+// node computes a parameter's whole gradient as a matrix product (linear's G^T X), that node can
+// instead fold the step into the product, p <- decay * p - lr * G^T X, which reads and writes p
+// once while the product's tiles are in registers and makes no gradient tensor at all.
+// An optimizer offers this by registering itself on its parameters (SGDOptions::in_backward). A
+// node asks Node::update_in_backward(i) and gets the update only when the result would be exactly
+// the step: the backward is a plain one (no grad() capture, create_graph, observer or anomaly
+// mode), input i is a leaf with no `.grad` yet and no hooks, and this node's edge is the last of
+// the edges into the leaf's accumulator with nothing accumulated so far. Otherwise the gradient is
+// made as usual and step() applies it. The updated parameter's `.grad` stays undefined and its
+// version goes up, so a node that saved it and runs later fails loudly rather than reading the
+// new values.
+class InBackwardUpdate {
+ public:
+  // Read when the update is applied, so a schedule's change of lr takes effect at once.
+  virtual double lr() const = 0;
+  virtual double decay() const = 0;  // p's factor before the gradient is subtracted (1 - lr * wd)
+
+ protected:
+  ~InBackwardUpdate() = default;
+};
+
 class Node {
  public:
   Node();
@@ -136,6 +160,9 @@ class Node {
   bool released() const { return released_; }
   // Output's shape and dtype, recorded at creation.
   const InputMeta& output_meta() const { return output_meta_; }
+  // Note [updates in backward]: the update to fold into input i's gradient, or null to make the
+  // gradient. Only meaningful inside this node's apply().
+  const InBackwardUpdate* update_in_backward(std::size_t i) const;
   // Hooks on the gradient w.r.t. this node's output (i.e. a non-leaf tensor's hooks).
   std::vector<GradHook>& pre_hooks() { return extra().pre_hooks; }
   bool has_pre_hooks() const { return extras_ && !extras_->pre_hooks.empty(); }
@@ -242,6 +269,9 @@ class AccumulateGrad final : public Node {
   // (no hooks, no graph on `.grad`), and that addition.
   bool accumulates_value() const;
   void accumulate_value(double g);
+  // Note [updates in backward]: the leaf's registered update when apply() would otherwise store the
+  // gradient it is given as a new `.grad` (no `.grad` yet, no hooks).
+  const InBackwardUpdate* update_in_backward() const;
 
  private:
   TensorImpl* leaf_;
@@ -252,6 +282,9 @@ class AccumulateGrad final : public Node {
 };
 
 namespace detail {
+// Set by the engine while it runs a backward in which nodes may apply updates (Note [updates in
+// backward]).
+extern thread_local constinit bool updates_in_backward_allowed;
 // gradient_edge for a leaf that requires grad and has no accumulator of its shape and dtype yet:
 // makes it (the first use, or after Module::to).
 NodePtr new_accumulator_edge(const Tensor& t);

@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "chaingrad/autograd.hpp"
 #include "chaingrad/tensor.hpp"
 
 namespace chaingrad::optim {
@@ -71,6 +72,12 @@ struct SGDOptions {
   double dampening = 0.0;
   double weight_decay = 0.0;
   bool nesterov = false;
+  // Apply the step inside backward() wherever a parameter's whole gradient is one matrix product
+  // (linear layers' weights): the product then subtracts lr * gradient from the weight directly,
+  // and no gradient tensor is made (Note [updates in backward], autograd.hpp). Those parameters'
+  // `.grad` stays undefined, so step() skips them and updates the rest. A training loop runs
+  // unchanged: zero_grad(), backward(), step(). Needs momentum 0.
+  bool in_backward = false;
 };
 
 // g = grad + wd * p
@@ -80,12 +87,27 @@ struct SGDOptions {
 class SGD : public Optimizer {
  public:
   SGD(std::vector<Tensor> params, SGDOptions options = {});
+  ~SGD() override;
   void step() override;
   const char* name() const override { return "SGD"; }
   SGDOptions& options() { return options_; }  // options().lr is the initial lr; see lr()
+  // Turns options().in_backward on or off from the next backward on (off: every gradient is made,
+  // for a step whose gradients someone wants to see).
+  void set_in_backward(bool on);
 
  private:
+  // What backward applies for this optimizer, at its lr of the moment.
+  class InBackward final : public InBackwardUpdate {
+   public:
+    explicit InBackward(const SGD& sgd) : sgd_(sgd) {}
+    double lr() const override { return sgd_.lr(); }
+    double decay() const override { return 1.0 - sgd_.lr() * sgd_.options_.weight_decay; }
+
+   private:
+    const SGD& sgd_;
+  };
   SGDOptions options_;
+  InBackward in_backward_{*this};
 };
 
 // ---------------------------------------------------------------- Adam / AdamW

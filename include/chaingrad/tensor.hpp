@@ -16,6 +16,7 @@ namespace chaingrad {
 
 class Node;
 class Tensor;
+class InBackwardUpdate;
 // Graph nodes are counted in place too; these are defined in autograd.hpp, which any code that
 // copies or drops a NodePtr includes.
 using NodePtr = IntrusivePtr<Node>;
@@ -66,6 +67,9 @@ struct TensorImpl {
     // retain_grad's hook reaches the tensor through this cell, which the tensor's destruction
     // empties (the hook lives on grad_fn, which may outlive the tensor).
     std::shared_ptr<TensorImpl*> self_cell;
+    // The optimizer that updates this leaf during backward where it can (Note [updates in
+    // backward], autograd.hpp); it clears this before it is destroyed.
+    const InBackwardUpdate* update_in_backward = nullptr;
   };
   std::unique_ptr<Extras> extras;
   Extras& extra() {

@@ -141,6 +141,13 @@ class Engine {
 
     EnableGradGuard grad_mode(opt.create_graph);
     const bool anomaly = AnomalyMode::is_enabled();
+    // Note [updates in backward]: a node may fold an optimizer's step into a gradient only where
+    // nobody asked to see the gradient. (Restored on the way out: a hook may run a backward of its own.)
+    struct UpdatesAllowed {
+      bool previous = detail::updates_in_backward_allowed;
+      explicit UpdatesAllowed(bool on) { detail::updates_in_backward_allowed = on; }
+      ~UpdatesAllowed() { detail::updates_in_backward_allowed = previous; }
+    } updates_allowed(!capture && !opt.observer && !opt.create_graph && !anomaly);
     while (!ready.empty()) {
       const NodePtr& owner = *ready.pop().owner;
       Node* node = owner.get();

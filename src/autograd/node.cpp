@@ -24,6 +24,7 @@ constexpr int kRecursionLimit = 64;
 
 thread_local constinit bool detail::grad_mode_enabled = true;
 thread_local constinit bool detail::anomaly_mode_enabled = false;
+thread_local constinit bool detail::updates_in_backward_allowed = false;
 
 namespace {
 // Sequence numbers are handed to each thread in blocks, so recording a node costs no atomic
@@ -96,6 +97,17 @@ Node::~Node() {
   pending_deletes = nullptr;
 }
 
+const InBackwardUpdate* Node::update_in_backward(std::size_t i) const {
+  if (!detail::updates_in_backward_allowed || i >= next_edges_.size()) return nullptr;
+  const Node* next = next_edges_[i].get();
+  // The last edge into the accumulator: every other one has delivered (dependencies_ counts the
+  // edges still to come, this one included), and none brought anything.
+  if (!next || !next->is_accumulate_grad() || next->dependencies_ != 1 || next->input_buffer_.defined() ||
+      next->has_pre_hooks())
+    return nullptr;
+  return static_cast<const AccumulateGrad&>(*next).update_in_backward();
+}
+
 // ---------------------------------------------------------------- RunningNode
 namespace {
 thread_local detail::RunningNode* running_node = nullptr;
@@ -154,6 +166,12 @@ bool AccumulateGrad::accumulates_value() const {
   if (leaf->extras && !leaf->extras->hooks.empty()) return false;
   const TensorImpl* g = leaf->grad_impl.get();
   return !g || (g->dtype == leaf->dtype && g->shape.numel() == 1 && !g->requires_grad && !g->grad_fn);
+}
+
+const InBackwardUpdate* AccumulateGrad::update_in_backward() const {
+  const TensorImpl* leaf = leaf_;
+  if (!leaf || !leaf->extras || !leaf->extras->hooks.empty() || leaf->grad_impl) return nullptr;
+  return leaf->extras->update_in_backward;
 }
 
 namespace {

@@ -37,7 +37,7 @@ GemmOperand gemm_operand(const Tensor& t) {
 }
 
 template <class T>
-void mm_into(const Tensor& a, const Tensor& b, T* out, T beta) {
+void mm_into(const Tensor& a, const Tensor& b, T* out, T beta, T alpha = T(1)) {
   const std::int64_t m = a.shape()[0], k = a.shape()[1], n = b.shape()[1];
   if (m == 0 || n == 0) return;
   if (k == 0) {
@@ -45,7 +45,7 @@ void mm_into(const Tensor& a, const Tensor& b, T* out, T beta) {
     return;
   }
   GemmOperand A = gemm_operand(a), B = gemm_operand(b);
-  kernels::gemm<T>(A.trans, B.trans, m, n, k, T(1), static_cast<const T*>(A.keep.raw_data()), A.ld,
+  kernels::gemm<T>(A.trans, B.trans, m, n, k, alpha, static_cast<const T*>(A.keep.raw_data()), A.ld,
                    static_cast<const T*>(B.keep.raw_data()), B.ld, beta, out, std::max<std::int64_t>(n, 1));
 }
 
@@ -63,6 +63,22 @@ BatchOperand batch_operand(const Tensor& t) {
     return {t, l->first, l->second, t.strides()[0]};
   Tensor c = t.detach().contiguous();
   return {c, false, std::max<std::int64_t>(cols, 1), rows * cols};
+}
+
+// Note [updates in backward] (autograd.hpp): when the optimizer of `param` (input `input` of `self`,
+// whose gradient is a b) asks for it, p <- decay p - lr a b in one product; false: make the gradient.
+bool update_in_product(const Node& self, std::size_t input, const Tensor& param, const Tensor& a, const Tensor& b) {
+  const InBackwardUpdate* update = self.update_in_backward(input);
+  // (An empty batch, k = 0, is left to step(), which scales p by decay alone.)
+  if (!update || !param.is_contiguous() || param.dtype() != a.dtype() || param.dtype() != b.dtype() ||
+      a.shape()[1] == 0)
+    return false;
+  const double lr = update->lr(), decay = update->decay();
+  dispatch_float(param.dtype(), "update in backward", [&]<class T>() {
+    mm_into<T>(a, b, param.data<T>(), static_cast<T>(decay), static_cast<T>(-lr));
+  });
+  param.bump_version();
+  return true;
 }
 
 DType matmul_dtype(const Tensor& a, const Tensor& b, const char* op) {
@@ -194,7 +210,9 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
              }
              if (self.needs_grad(1)) {
                const Tensor& xv = sx.unpack(self);
-               grads[1] = mm(g2.t(), xv.dim() == 2 ? xv : reshape(xv, {-1, in_f}));
+               const Tensor x2v = xv.dim() == 2 ? xv : reshape(xv, {-1, in_f});
+               // (After the input's gradient, which reads the weight as the forward saw it.)
+               if (!update_in_product(self, 1, sw.unpack(self), g2.t(), x2v)) grads[1] = mm(g2.t(), x2v);
              }
              if (self.needs_grad(2)) grads[2] = sum(g2, {0});
              return grads;

@@ -58,6 +58,30 @@ SGD::SGD(std::vector<Tensor> params, SGDOptions o)
   CG_CHECK(!o.nesterov || (o.momentum > 0.0 && o.dampening == 0.0), ValueError,
            "SGD: Nesterov momentum requires momentum > 0 and dampening = 0; got momentum=", o.momentum,
            ", dampening=", o.dampening);
+  options_.in_backward = false;
+  set_in_backward(o.in_backward);
+}
+
+SGD::~SGD() { set_in_backward(false); }
+
+void SGD::set_in_backward(bool on) {
+  CG_CHECK(!on || options_.momentum == 0.0, ValueError,
+           "SGD: in_backward applies plain SGD steps and needs momentum 0; got momentum=", options_.momentum);
+  if (on) {
+    for (const Tensor& p : params_) {
+      const InBackwardUpdate* other = p.impl()->extras ? p.impl()->extras->update_in_backward : nullptr;
+      CG_CHECK(other == nullptr || other == &in_backward_, ValueError, "SGD: in_backward: parameter of shape ",
+               p.shape(), " is already updated in backward by another optimizer");
+    }
+  }
+  for (const Tensor& p : params_) {
+    TensorImpl& impl = *p.impl();
+    if (on)
+      impl.extra().update_in_backward = &in_backward_;
+    else if (impl.extras && impl.extras->update_in_backward == &in_backward_)
+      impl.extras->update_in_backward = nullptr;
+  }
+  options_.in_backward = on;
 }
 
 void SGD::step() {
