@@ -245,6 +245,33 @@ TEST(Sgemm, SameBitsWhenThreadsRaceForSharedPanels) {
     }
 }
 
+// A B^T with 32 rows or more and dense operands runs on oneDNN's matmul primitive where oneDNN has
+// AVX-512 (gemm.cpp, use_matmul_primitive), cut into blocks of at least 16 whole rows: blocks of 16
+// to 31 rows, many threads. (Padded operands stay on oneDNN's sgemm, which changes bits on some of
+// them too: 257 x 256 x 784 with rows padded by one, cut into 128 + 129 rows, and 45 x 600 x 830
+// padded by five at 7 threads, cut into columns 80 and 96 wide. gemm.hpp says so.)
+TEST(Sgemm, MatmulPrimitiveBlocksKeepTheBits) {
+  if (!kc::gemm_same_bits_any_threads()) GTEST_SKIP() << "oneDNN has no AVX-512 here: A B^T stays on sgemm";
+  ThreadCount restore;
+  const std::vector<Case> shapes = {{false, true, 300, 300, 500, 1.f, 1.f, 0}, {false, true, 45, 600, 830, 1.f, 0.f, 0},
+                                    {false, true, 257, 256, 784, 0.5f, 0.f, 0}, {false, true, 33, 10, 1030, 1.f, 1.f, 0},
+                                    {false, true, 1000, 256, 784, 1.f, 0.f, 0}};
+  unsigned seed = 4000;
+  for (const Case& g : shapes) {
+    Operands o(g, seed++);
+    kc::set_num_threads(1);
+    const std::vector<float> one = check(&dispatched, g, o);
+    if (::testing::Test::HasFailure()) return;
+    for (int threads : {2, 3, 4, 7, 16}) {
+      kc::set_num_threads(threads);
+      const std::vector<float> c = check(&dispatched, g, o);
+      if (::testing::Test::HasFailure()) return;
+      ASSERT_EQ(std::memcmp(c.data(), one.data(), one.size() * sizeof(float)), 0)
+          << describe(g) << " differs between 1 and " << threads << " threads";
+    }
+  }
+}
+
 // The MLP's shapes at batch 1024 (bench/bench_gemm.cpp, mlp_products), 2 threads against 1.
 TEST(Sgemm, MlpShapesMatchReferenceAndThreadCounts) {
   ThreadCount restore;

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "chaingrad/error.hpp"
+#include "kernels/cpu/matmul_onednn.hpp"
 #include "kernels/cpu/openmp_control.hpp"
 #include "kernels/cpu/parallel.hpp"
 #include "kernels/cpu/sgemm_avx512.hpp"
@@ -37,21 +38,56 @@ namespace {
 constexpr double kMinParallelFlops = 1 << 20;
 // Column blocks are cut at multiples of a cache line of floats, so no two threads write one line.
 constexpr std::int64_t kColumnAlign = 16;
+// The fewest rows a block of the matmul primitive gets (split_gemm).
+constexpr std::int64_t kMatmulRows = 16;
 
 void make_openblas_single_threaded() {
   static std::once_flag once;
   std::call_once(once, [] { openblas_set_num_threads(1); });
 }
 
-// `thin`: the whole product has a side of at most 16 (a layer with few outputs) and runs on
-// sgemm_thin.cpp's kernels (BENCHMARKS.md, "The thin products"). It is decided on the whole
-// product, never on a thread's block of it, so that every block runs the same kernel whatever
-// the thread count.
+bool onednn_has_avx512() {
+  const unsigned isa = dnnl_get_effective_cpu_isa(), avx512 = dnnl_cpu_isa_avx512_core;
+  return (isa & avx512) == avx512;
+}
+
+// Whether the product runs on oneDNN's matmul primitive rather than its sgemm: the forward's X W^T
+// (A B^T) with at least 32 rows and dense operands (rows of A and B k long, of C n long), where
+// oneDNN has AVX-512. There the primitive runs its brgemm kernels, which took the MLP's X W^T
+// products 4-10% faster than sgemm's on this project's AMD EPYC Zen 4 (one thread, operands hot,
+// 128-1024 x 256 x 256-784), and its training step 1.8-3.8% shorter (batch 64 and 256 on one
+// thread, 256 and 1024 on two; interleaved runs, BENCHMARKS.md "What session 20 changed"). The
+// backward's layouts ran no faster on it (0-2% slower), and without AVX-512 it was not measured.
+// Results must not depend on the thread count, and brgemm's summation order depends on the block's
+// shape in two cases found: a block of another number of columns (so blocks are whole rows), and,
+// with padded rows, a block of another number of rows (257 rows at once against 128 + 129: every
+// bit; so padded operands stay on sgemm). Dense blocks of 16 rows or more, cut at multiples of 16
+// (split_gemm), gave the same bits at every cut tried (tests/test_sgemm.cpp). Under 32 rows such a
+// cut leaves threads idle, and sgemm keeps the product. CHAINGRAD_SGEMM_NT=sgemm keeps every
+// product on sgemm, for A/B runs.
+bool use_matmul_primitive(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, std::int64_t lda,
+                          std::int64_t ldb, std::int64_t ldc) {
+  static const bool on = [] {
+    const char* e = std::getenv("CHAINGRAD_SGEMM_NT");
+    return onednn_has_avx512() && !(e && std::string(e) == "sgemm");
+  }();
+  return on && !ta && tb && m >= 32 && lda == k && ldb == k && ldc == n;
+}
+
+// The kernel a product's blocks run on. It is decided on the whole product, never on a thread's
+// block of it, so that every block runs the same kernel whatever the thread count:
+// - thin: the product has a side of at most 16 (a layer with few outputs), on sgemm_thin.cpp's
+//   kernels (BENCHMARKS.md, "The thin products");
+// - matmul: oneDNN's matmul primitive (use_matmul_primitive);
+// - sgemm: oneDNN's sgemm, or OpenBLAS's dgemm for float64.
+enum class BlockKernel { sgemm, thin, matmul };
+
 void serial_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,
                  std::int64_t lda, const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc,
-                 bool thin) {
-  if (thin) return sgemm_thin(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+                 BlockKernel kernel) {
+  if (kernel == BlockKernel::thin) return sgemm_thin(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   SingleThreadedOpenMp one_thread;
+  if (kernel == BlockKernel::matmul && matmul_onednn(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)) return;
   const dnnl_status_t st =
       dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   CG_CHECK(st == dnnl_success, InternalError, "gemm: oneDNN sgemm failed with status ", static_cast<int>(st),
@@ -60,7 +96,7 @@ void serial_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t 
 
 void serial_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, double alpha, const double* a,
                  std::int64_t lda, const double* b, std::int64_t ldb, double beta, double* c, std::int64_t ldc,
-                 bool /*thin: float32 only*/) {
+                 BlockKernel /*float64 has only dgemm*/) {
   make_openblas_single_threaded();
   cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, static_cast<int>(m),
               static_cast<int>(n), static_cast<int>(k), alpha, a, static_cast<int>(lda), b, static_cast<int>(ldb), beta,
@@ -73,29 +109,33 @@ void serial_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t 
 // are not: gemm_same_bits_any_threads).
 template <class T>
 void split_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* a, std::int64_t lda,
-                const T* b, std::int64_t ldb, T beta, T* c, std::int64_t ldc, bool thin) {
+                const T* b, std::int64_t ldb, T beta, T* c, std::int64_t ldc, BlockKernel kernel) {
   const double flops = 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
   const int threads = flops < kMinParallelFlops ? 1 : num_threads();
-  const bool by_rows = m >= n;
-  const std::int64_t extent = by_rows ? m : n, align = by_rows ? 1 : kColumnAlign;
-  const std::int64_t units = (extent + align - 1) / align;
+  // The matmul primitive's blocks are whole rows, at least kMatmulRows of them: with fewer, and
+  // padded rows, brgemm changed every bit of the block (use_matmul_primitive).
+  const bool matmul = kernel == BlockKernel::matmul;
+  const bool by_rows = m >= n || matmul;
+  const std::int64_t extent = by_rows ? m : n, align = matmul ? kMatmulRows : by_rows ? 1 : kColumnAlign;
+  // (Whole units of align; for the primitive, the last unit also takes the rows left over.)
+  const std::int64_t units = matmul ? std::max<std::int64_t>(1, extent / align) : (extent + align - 1) / align;
   const int parts = static_cast<int>(std::min<std::int64_t>(threads, units));
   if (parts <= 1) {
-    serial_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, thin);
+    serial_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, kernel);
     return;
   }
   parallel_for(parts, [&](int p) {
     const std::int64_t lo = std::min(extent, units * p / parts * align);
-    const std::int64_t hi = std::min(extent, units * (p + 1) / parts * align);
+    const std::int64_t hi = p + 1 == parts ? extent : std::min(extent, units * (p + 1) / parts * align);
     if (hi <= lo) return;
     if (by_rows) {
       // Rows [lo, hi) of op(A) and of C.
       const T* a_block = ta ? a + lo : a + lo * lda;
-      serial_gemm(ta, tb, hi - lo, n, k, alpha, a_block, lda, b, ldb, beta, c + lo * ldc, ldc, thin);
+      serial_gemm(ta, tb, hi - lo, n, k, alpha, a_block, lda, b, ldb, beta, c + lo * ldc, ldc, kernel);
     } else {
       // Columns [lo, hi) of op(B) and of C.
       const T* b_block = tb ? b + lo * ldb : b + lo;
-      serial_gemm(ta, tb, m, hi - lo, k, alpha, a, lda, b_block, ldb, beta, c + lo, ldc, thin);
+      serial_gemm(ta, tb, m, hi - lo, k, alpha, a, lda, b_block, ldb, beta, c + lo, ldc, kernel);
     }
   });
 }
@@ -153,10 +193,6 @@ bool use_thin_sgemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64
   return allowed && sgemm_thin_applies(ta, tb, m, n, k);
 }
 
-bool onednn_has_avx512() {
-  const unsigned isa = dnnl_get_effective_cpu_isa(), avx512 = dnnl_cpu_isa_avx512_core;
-  return (isa & avx512) == avx512;
-}
 
 // Whether gemm<float> copies A^T into a buffer first and runs A^T B as a plain A B product.
 // Where oneDNN has no AVX-512 (an AMD EPYC, Zen 3), its A^T B kernels ran the weight gradients
@@ -189,7 +225,8 @@ void gemm_after_transposing_a(std::int64_t m, std::int64_t n, std::int64_t k, fl
   parallel_units((m + 7) / 8, m * k, [&](std::int64_t lo, std::int64_t hi) {
     transpose_f32(a, k, m, lda, at, k, lo * 8, std::min(m, hi * 8));
   });
-  split_gemm(false, false, m, n, k, alpha, static_cast<const float*>(at), k, b, ldb, beta, c, ldc, /*thin=*/false);
+  split_gemm(false, false, m, n, k, alpha, static_cast<const float*>(at), k, b, ldb, beta, c, ldc,
+             BlockKernel::sgemm);
 }
 
 std::atomic<bool> profiling{false};
@@ -219,12 +256,16 @@ void gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, T al
     if constexpr (std::is_same_v<T, float>) {
       if (use_own_sgemm(ta, tb, m, n, k)) return sgemm_avx512(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     }
-    const bool thin = std::is_same_v<T, float> && use_thin_sgemm(ta, tb, m, n, k);
+    BlockKernel kernel = BlockKernel::sgemm;
     if constexpr (std::is_same_v<T, float>) {
-      if (!thin && transpose_a_first(ta, tb, m, n, k))
+      if (use_thin_sgemm(ta, tb, m, n, k))
+        kernel = BlockKernel::thin;
+      else if (transpose_a_first(ta, tb, m, n, k))
         return gemm_after_transposing_a(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+      else if (use_matmul_primitive(ta, tb, m, n, k, lda, ldb, ldc))
+        kernel = BlockKernel::matmul;
     }
-    split_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, thin);
+    split_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, kernel);
   };
   if (!profiling.load(std::memory_order_relaxed)) [[likely]]
     return run();
@@ -240,7 +281,7 @@ void gemm_onednn(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t 
                  std::int64_t lda, const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
   if (m == 0 || n == 0) return;
   if (k == 0) return scale_only(m, n, beta, c, ldc);
-  split_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, /*thin=*/false);
+  split_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, BlockKernel::sgemm);
 }
 
 bool gemm_same_bits_any_threads() { return onednn_has_avx512(); }
@@ -256,7 +297,8 @@ void warm_up_gemm() {
         const bool ta = t & 1, tb = t & 2;
         const std::int64_t m = s[0], n = s[1], k = s[2];
         for (const float beta : {0.f, 1.f})
-          serial_gemm(ta, tb, m, n, k, 1.f, a.data(), ta ? m : k, b.data(), tb ? k : n, beta, c.data(), n, false);
+          serial_gemm(ta, tb, m, n, k, 1.f, a.data(), ta ? m : k, b.data(), tb ? k : n, beta, c.data(), n,
+                      BlockKernel::sgemm);
       }
   });
 }

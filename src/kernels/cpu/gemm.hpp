@@ -28,11 +28,15 @@ void gemm_onednn(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std
 // Whether gemm<float> gives the same bits on every thread count. It cuts C into one block per
 // thread and runs each block as a product of its own, so it does exactly when the block's kernel
 // sums every element in an order that does not depend on the block's shape. The own and thin
-// kernels do by construction, and oneDNN's AVX-512 sgemm did on every shape tests/test_sgemm.cpp
-// tries. Its AVX2 kernels do not: they pick their blocking by the block's shape. On an AMD EPYC
-// with AVX2, row cuts changed bits at every alignment tried (1 to 192 rows), and column cuts at
-// multiples of 16 changed them on 38 of 150 random shapes. There 1 and 2 threads agree to
-// rounding only.
+// kernels do by construction, oneDNN's AVX-512 sgemm did on every shape of tests/test_sgemm.cpp's
+// main lists, and its matmul primitive does on the blocks gemm.cpp gives it (use_matmul_primitive).
+// Not everywhere, though: session 20 found oneDNN's sgemm changing bits on padded operands (rows
+// longer than the matrix): 257 x 256 x 784 A B^T with rows padded by one, cut into 128 + 129 rows,
+// and 45 x 600 x 830 padded by five at 7 threads, cut into columns 80 and 96 wide. Tensors'
+// products run on dense operands, except on views. oneDNN's AVX2 kernels do not keep the bits:
+// they pick their blocking by the block's shape. On an AMD EPYC with AVX2, row cuts changed bits at
+// every alignment tried (1 to 192 rows), and column cuts at multiples of 16 changed them on 38 of
+// 150 random shapes. There 1 and 2 threads agree to rounding only.
 bool gemm_same_bits_any_threads();
 
 // The time and work of the products since profiling was last switched on, so that a benchmark can
