@@ -81,6 +81,9 @@ std::vector<OpCase> build() {
             "broadcast batch"});
   add_case({"linear", {{4, 3}, {2, 3}, {2}}, [](V x) { return linear(x[0], x[1], x[2]); }});
   add_case({"linear", {{2, 2, 3}, {2, 3}}, [](V x) { return linear(x[0], x[1]); }, -2, 2, {}, true, "3-D, no bias"});
+  add_case({"linear_relu", {{4, 3}, {2, 3}, {2}}, [](V x) { return linear_relu(x[0], x[1], x[2]); }});
+  add_case({"linear_relu", {{2, 2, 3}, {2, 3}}, [](V x) { return linear_relu(x[0], x[1]); }, -2, 2, {}, true,
+            "3-D, no bias"});
   add_case({"layer_norm", {{3, 4, 5}, {5}, {5}}, [](V x) { return layer_norm(x[0], {5}, x[1], x[2]); }});
   add_case({"layer_norm", {{2, 3, 4}, {3, 4}}, [](V x) { return layer_norm(x[0], {3, 4}, x[1]); }, -2, 2, {}, true,
             "two normalized dims, no bias"});

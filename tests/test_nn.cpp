@@ -499,3 +499,86 @@ TEST(NnSpec, AutoFlattenOnlyAfterElementwiseLayers) {
   auto a = nn::build_model("linear(5)", {6}, 9), b = nn::build_model("linear(5)", {6}, 9);
   EXPECT_TRUE(cg::allclose(a->parameters()[0], b->parameters()[0], 0, 0));
 }
+
+// ---------------------------------------------------------------- fused linear + relu
+// linear_relu against relu(linear(...)): values and all three gradients, in both dtypes, with and
+// without a bias, on the shapes where float32 runs on the matmul primitive with the bias and relu
+// in its epilogue (64 rows and more, dense) and where it does not (5 rows; float64), 2-D and 3-D,
+// on one and two threads.
+TEST(Fusion, LinearReluMatchesItsComposition) {
+  const int saved = cg::get_num_threads();
+  cg::Generator gen(21);
+  struct Shape {
+    cg::Dims x;
+    std::int64_t out;
+  };
+  for (const int threads : {1, 2}) {
+    cg::set_num_threads(threads);
+    for (const DType dtype : {DType::Float32, DType::Float64}) {
+      for (const Shape& s : {Shape{{64, 70}, 48}, Shape{{2, 40, 70}, 48}, Shape{{5, 7}, 3}}) {
+        for (const bool with_bias : {true, false}) {
+          const std::int64_t in = s.x.back();
+          const cg::TensorOptions o{.dtype = dtype, .requires_grad = true};
+          Tensor x = cg::randn(s.x, o, &gen), w = cg::randn({s.out, in}, o, &gen);
+          Tensor b = with_bias ? cg::randn({s.out}, o, &gen) : Tensor();
+          const Tensor r = cg::randn(s.x.size() == 2 ? cg::Dims{s.x[0], s.out} : cg::Dims{s.x[0], s.x[1], s.out},
+                                     {.dtype = dtype}, &gen);
+          std::vector<Tensor> fused, composed;
+          for (const bool fuse : {true, false}) {
+            const Tensor y = fuse ? cg::linear_relu(x, w, b) : cg::relu(cg::linear(x, w, b));
+            std::vector<Tensor> inputs{x, w};
+            if (with_bias) inputs.push_back(b);
+            auto g = cg::autograd::grad({cg::sum(cg::mul(y, r))}, inputs);
+            g.insert(g.begin(), y.detach());
+            (fuse ? fused : composed) = g;
+          }
+          const double tol = dtype == DType::Float32 ? 1e-5 : 1e-12;
+          const char* names[] = {"y", "dx", "dW", "db"};
+          for (std::size_t i = 0; i < fused.size(); ++i)
+            EXPECT_TRUE(cg::allclose(fused[i], composed[i], tol, tol))
+                << names[i] << ", " << dtype << ", x " << cg::to_string(s.x) << (with_bias ? "" : ", no bias") << ", "
+                << threads << " threads";
+        }
+      }
+    }
+  }
+  cg::set_num_threads(saved);
+}
+
+// A NaN reaching linear_relu stays NaN, on the primitive's path (float32, 64 rows) and on the
+// other (float64), where chaingrad's relu gives 0 for one.
+TEST(Fusion, LinearReluKeepsANaN) {
+  for (const DType dtype : {DType::Float32, DType::Float64}) {
+    std::vector<double> xs(64 * 8, 1.0);
+    xs[8] = std::nan("");  // row 1
+    const Tensor x = cg::from_vector(xs, {64, 8}, {.dtype = dtype}), w = cg::ones({4, 8}, {.dtype = dtype});
+    const auto y = cg::linear_relu(x, w).to_vector<double>();
+    for (int j = 0; j < 4; ++j) {
+      EXPECT_TRUE(std::isnan(y[4 + j])) << dtype << ", column " << j;
+      EXPECT_EQ(y[j], 8.0) << dtype;
+    }
+  }
+}
+
+// Sequential runs a Linear followed by a ReLU as one linear_relu node, with the values and
+// gradients of the two; other pairs run as they are.
+TEST(Fusion, SequentialRunsLinearThenReluAsOneOp) {
+  cg::Generator g1(5), g2(5), data(6);
+  nn::Sequential fused{nn::Linear(6, 8, true, &g1), nn::ReLU(), nn::Linear(8, 3, true, &g1), nn::Sigmoid()};
+  nn::Linear a(6, 8, true, &g2), b(8, 3, true, &g2);
+  const Tensor x = cg::randn({40, 6}, {}, &data);
+  const Tensor y = fused(x);
+  ASSERT_TRUE(y.grad_fn());
+  EXPECT_STREQ(y.grad_fn()->name(), "sigmoid");
+  const cg::Node* second = y.grad_fn()->next_edges()[0].get();
+  EXPECT_STREQ(second->name(), "linear");
+  EXPECT_STREQ(second->next_edges()[0]->name(), "linear_relu");
+  const Tensor expected = cg::sigmoid(b.forward(cg::relu(a.forward(x))));
+  EXPECT_TRUE(cg::allclose(y, expected, 1e-6, 1e-7));
+  cg::sum(y).backward();
+  cg::sum(expected).backward();
+  const auto fp = fused.parameters();
+  const std::vector<Tensor> ep{a.weight, a.bias, b.weight, b.bias};
+  for (std::size_t i = 0; i < ep.size(); ++i)
+    EXPECT_TRUE(cg::allclose(fp[i].grad(), ep[i].grad(), 1e-5, 1e-7)) << "parameter " << i;
+}

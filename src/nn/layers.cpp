@@ -3,6 +3,7 @@
 #include <charconv>
 #include <cmath>
 #include <sstream>
+#include <typeinfo>
 
 #include "chaingrad/autograd.hpp"
 #include "chaingrad/nn.hpp"
@@ -304,7 +305,19 @@ void Sequential::throw_wrong_type(std::size_t i) const {
 Tensor Sequential::forward(const Tensor& x) {
   Tensor h = x;
   if (flatten_input_ && h.dim() > 2) h = flatten(h, 1);
-  for (auto& [name, m] : children_) h = m->forward(h);
+  for (std::size_t i = 0; i < children_.size(); ++i) {
+    Module& m = *children_[i].second;
+    // A Linear followed by a ReLU runs as one op, which applies the bias and relu as the product is
+    // written and keeps one tensor and one node fewer (BENCHMARKS.md, "What session 20 changed").
+    // (Exactly these types: a subclass may do more in its forward.)
+    if (i + 1 < children_.size() && typeid(m) == typeid(Linear) && typeid(*children_[i + 1].second) == typeid(ReLU)) {
+      const auto& lin = static_cast<const Linear&>(m);
+      h = linear_relu(h, lin.weight, lin.bias);
+      ++i;
+      continue;
+    }
+    h = m.forward(h);
+  }
   return h;
 }
 

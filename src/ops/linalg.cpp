@@ -167,55 +167,88 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
   return reshape(r, out_shape);
 }
 
-// y = x W^T + b, the bias fused into the GEMM's C operand (beta = 1).
-// dy/dx = G W, dy/dW = G^T x, dy/db = sum of G over rows.
-Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
-  const DType dt = matmul_dtype(x, weight, "linear");
-  CG_CHECK(weight.dim() == 2, ShapeError, "linear: weight must be 2-D [out, in]; got shape ", weight.shape());
-  CG_CHECK(x.dim() >= 1 && x.shape()[x.dim() - 1] == weight.shape()[1], ShapeError, "linear: input of shape ",
-           x.shape(), " does not match weight of shape ", weight.shape(), " (expected the last dimension to be ",
+namespace {
+
+// y = x W^T + b, then relu if asked, in one product: the bias and relu go into the product's
+// epilogue where the matmul primitive runs it (kernels::gemm_bias_relu).
+Tensor linear_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, bool relu, const char* op) {
+  const DType dt = matmul_dtype(x, weight, op);
+  CG_CHECK(weight.dim() == 2, ShapeError, op, ": weight must be 2-D [out, in]; got shape ", weight.shape());
+  CG_CHECK(x.dim() >= 1 && x.shape()[x.dim() - 1] == weight.shape()[1], ShapeError, op, ": input of shape ", x.shape(),
+           " does not match weight of shape ", weight.shape(), " (expected the last dimension to be ",
            weight.shape()[1], ")");
   const std::int64_t out_f = weight.shape()[0], in_f = weight.shape()[1];
   if (bias.defined()) {
-    CG_CHECK(bias.dim() == 1 && bias.shape()[0] == out_f, ShapeError, "linear: bias of shape ", bias.shape(),
+    CG_CHECK(bias.dim() == 1 && bias.shape()[0] == out_f, ShapeError, op, ": bias of shape ", bias.shape(),
              " does not match weight of shape ", weight.shape(), " (expected [", out_f, "])");
-    CG_CHECK(bias.dtype() == dt, TypeError, "linear: bias dtype ", bias.dtype(), " differs from weight dtype ", dt);
+    CG_CHECK(bias.dtype() == dt, TypeError, op, ": bias dtype ", bias.dtype(), " differs from weight dtype ", dt);
   }
   const Tensor x2 = x.dim() == 2 ? x : x.detach().reshape({-1, in_f});
-  const std::int64_t rows = x2.shape()[0];
   Dims out_shape = x.shape();
   out_shape[out_shape.size() - 1] = out_f;
   Tensor out = empty(out_shape, dt);
-  dispatch_float(dt, "linear", [&]<class T>() {
-    T* o = out.data<T>();
-    T beta = T(0);
-    if (bias.defined()) {
-      const Tensor bc = bias.is_contiguous() ? bias : bias.detach().contiguous();
-      const T* pb = bc.data<T>();
-      kernels::parallel_units(rows, rows * out_f, [&](std::int64_t lo, std::int64_t hi) {
-        for (std::int64_t r = lo; r < hi; ++r) std::copy(pb, pb + out_f, o + r * out_f);
-      });
-      beta = T(1);
-    }
-    mm_into<T>(x2, weight.detach().t(), o, beta);
+  const std::int64_t rows = x2.shape()[0];
+  if (rows == 0 || out_f == 0) return out;
+  const GemmOperand A = gemm_operand(x2), B = gemm_operand(weight.detach().t());
+  const Tensor b = !bias.defined() || bias.is_contiguous() ? bias : bias.detach().contiguous();
+  dispatch_float(dt, op, [&]<class T>() {
+    kernels::gemm_bias_relu<T>(A.trans, B.trans, rows, out_f, in_f, static_cast<const T*>(A.keep.raw_data()), A.ld,
+                               static_cast<const T*>(B.keep.raw_data()), B.ld, b.defined() ? b.data<T>() : nullptr,
+                               relu, out.data<T>());
   });
+  return out;
+}
+
+// The gradients of y = x W^T + b for the gradient g of y: G W, G^T x (or the optimizer's step
+// folded into that product: Note [updates in backward]) and G summed over rows.
+GradList linear_grads(const Tensor& g, const Node& self, const SavedTensor& sx, const SavedTensor& sw,
+                      std::int64_t in_f, std::int64_t out_f) {
+  const Tensor g2 = g.dim() == 2 ? g : reshape(g, {-1, out_f});
+  GradList grads(3);
+  if (self.needs_grad(0)) {
+    const Tensor gx = mm(g2, sw.unpack(self));
+    grads[0] = g.dim() == 2 ? gx : reshape(gx, self.input_meta(0).shape);
+  }
+  if (self.needs_grad(1)) {
+    const Tensor& xv = sx.unpack(self);
+    const Tensor x2v = xv.dim() == 2 ? xv : reshape(xv, {-1, in_f});
+    // (After the input's gradient, which reads the weight as the forward saw it.)
+    if (!update_in_product(self, 1, sw.unpack(self), g2.t(), x2v)) grads[1] = mm(g2.t(), x2v);
+  }
+  if (self.needs_grad(2)) grads[2] = sum(g2, {0});
+  return grads;
+}
+
+}  // namespace
+
+// y = x W^T + b. dy/dx = G W, dy/dW = G^T x, dy/db = sum of G over rows.
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+  Tensor out = linear_forward(x, weight, bias, /*relu=*/false, "linear");
   if (detail::any_requires_grad({x, weight, bias}))
     record("linear", {x, weight, bias}, out,
-           [sx = SavedTensor(x, false), sw = SavedTensor(weight, false), in_f, out_f](const Tensor& g, const Node& self) {
-             const Tensor g2 = g.dim() == 2 ? g : reshape(g, {-1, out_f});
-             GradList grads(3);
-             if (self.needs_grad(0)) {
-               const Tensor gx = mm(g2, sw.unpack(self));
-               grads[0] = g.dim() == 2 ? gx : reshape(gx, self.input_meta(0).shape);
-             }
-             if (self.needs_grad(1)) {
-               const Tensor& xv = sx.unpack(self);
-               const Tensor x2v = xv.dim() == 2 ? xv : reshape(xv, {-1, in_f});
-               // (After the input's gradient, which reads the weight as the forward saw it.)
-               if (!update_in_product(self, 1, sw.unpack(self), g2.t(), x2v)) grads[1] = mm(g2.t(), x2v);
-             }
-             if (self.needs_grad(2)) grads[2] = sum(g2, {0});
-             return grads;
+           [sx = SavedTensor(x, false), sw = SavedTensor(weight, false), in_f = weight.shape()[1],
+            out_f = weight.shape()[0]](const Tensor& g, const Node& self) {
+             return linear_grads(g, self, sx, sw, in_f, out_f);
+           });
+  return out;
+}
+
+// y = relu(x W^T + b): linear's rule on the gradient masked where y is 0 (relu's slope, taken as 0
+// at 0 as relu's is).
+Tensor linear_relu(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+  Tensor out = linear_forward(x, weight, bias, /*relu=*/true, "linear_relu");
+  if (detail::any_requires_grad({x, weight, bias}))
+    record("linear_relu", {x, weight, bias}, out,
+           [sx = SavedTensor(x, false), sw = SavedTensor(weight, false), so = SavedTensor(out, true),
+            in_f = weight.shape()[1], out_f = weight.shape()[0]](Tensor g, const Node& self) {
+             const Tensor y = so.unpack(self).detach();
+             // y >= 0, so sign(y) is relu's slope; without a graph to record, one pass over g.
+             const Tensor masked = GradMode::is_enabled() ? mul(g, sign(y))
+                                                          : detail::grad_map(std::move(g), y, "linear_relu_backward",
+                                                                             [](auto gv, auto yv) {
+                                                                               return yv > 0 ? gv : decltype(gv)(0);
+                                                                             });
+             return linear_grads(masked, self, sx, sw, in_f, out_f);
            });
   return out;
 }

@@ -82,21 +82,37 @@ bool use_matmul_primitive(bool ta, bool tb, std::int64_t m, std::int64_t n, std:
 // - sgemm: oneDNN's sgemm, or OpenBLAS's dgemm for float64.
 enum class BlockKernel { sgemm, thin, matmul };
 
+// relu over rows of C, as the matmul primitive's epilogue does it: a NaN stays NaN.
+template <class T>
+void relu_rows(std::int64_t m, std::int64_t n, T* c, std::int64_t ldc) {
+  for (std::int64_t i = 0; i < m; ++i)
+    for (T* p = c + i * ldc; p != c + i * ldc + n; ++p) *p = *p <= T(0) ? T(0) : *p;
+}
+
+// An epilogue is only asked for with beta = 0 (gemm_bias_relu). Without the primitive it is done by
+// hand: the bias copied into C's rows for a product with beta 1, relu over the block after.
 void serial_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,
                  std::int64_t lda, const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc,
-                 BlockKernel kernel) {
+                 BlockKernel kernel, Epilogue epilogue = {}) {
   if (kernel == BlockKernel::thin) return sgemm_thin(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   SingleThreadedOpenMp one_thread;
-  if (kernel == BlockKernel::matmul && matmul_onednn(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)) return;
+  if (kernel == BlockKernel::matmul && matmul_onednn(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, epilogue))
+    return;
+  if (epilogue.bias) {
+    for (std::int64_t i = 0; i < m; ++i) std::copy(epilogue.bias, epilogue.bias + n, c + i * ldc);
+    beta = 1.0f;
+  }
   const dnnl_status_t st =
       dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   CG_CHECK(st == dnnl_success, InternalError, "gemm: oneDNN sgemm failed with status ", static_cast<int>(st),
            " for m=", m, " n=", n, " k=", k);
+  if (epilogue.relu) relu_rows(m, n, c, ldc);
 }
 
 void serial_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, double alpha, const double* a,
                  std::int64_t lda, const double* b, std::int64_t ldb, double beta, double* c, std::int64_t ldc,
-                 BlockKernel /*float64 has only dgemm*/) {
+                 BlockKernel /*float64 has only dgemm*/, Epilogue epilogue = {}) {
+  CG_ASSERT(!epilogue.bias && !epilogue.relu);
   make_openblas_single_threaded();
   cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, static_cast<int>(m),
               static_cast<int>(n), static_cast<int>(k), alpha, a, static_cast<int>(lda), b, static_cast<int>(ldb), beta,
@@ -109,7 +125,8 @@ void serial_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t 
 // are not: gemm_same_bits_any_threads).
 template <class T>
 void split_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* a, std::int64_t lda,
-                const T* b, std::int64_t ldb, T beta, T* c, std::int64_t ldc, BlockKernel kernel) {
+                const T* b, std::int64_t ldb, T beta, T* c, std::int64_t ldc, BlockKernel kernel,
+                Epilogue epilogue = {}) {
   const double flops = 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
   const int threads = flops < kMinParallelFlops ? 1 : num_threads();
   // The matmul primitive's blocks are whole rows, at least kMatmulRows of them: with fewer, and
@@ -121,7 +138,7 @@ void split_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k
   const std::int64_t units = matmul ? std::max<std::int64_t>(1, extent / align) : (extent + align - 1) / align;
   const int parts = static_cast<int>(std::min<std::int64_t>(threads, units));
   if (parts <= 1) {
-    serial_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, kernel);
+    serial_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, kernel, epilogue);
     return;
   }
   parallel_for(parts, [&](int p) {
@@ -131,11 +148,12 @@ void split_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k
     if (by_rows) {
       // Rows [lo, hi) of op(A) and of C.
       const T* a_block = ta ? a + lo : a + lo * lda;
-      serial_gemm(ta, tb, hi - lo, n, k, alpha, a_block, lda, b, ldb, beta, c + lo * ldc, ldc, kernel);
+      serial_gemm(ta, tb, hi - lo, n, k, alpha, a_block, lda, b, ldb, beta, c + lo * ldc, ldc, kernel, epilogue);
     } else {
       // Columns [lo, hi) of op(B) and of C.
       const T* b_block = tb ? b + lo * ldb : b + lo;
-      serial_gemm(ta, tb, m, hi - lo, k, alpha, a, lda, b_block, ldb, beta, c + lo, ldc, kernel);
+      CG_ASSERT(!epilogue.bias);  // (the primitive's blocks, the only ones with an epilogue, are rows)
+      serial_gemm(ta, tb, m, hi - lo, k, alpha, a, lda, b_block, ldb, beta, c + lo, ldc, kernel, epilogue);
     }
   });
 }
@@ -247,12 +265,27 @@ GemmProfile gemm_profile() {
   return {profiled_calls.load(), static_cast<double>(profiled_flops.load()), static_cast<double>(profiled_ns.load()) * 1e-9};
 }
 
+namespace {
+// Runs a product, timing it when gemm_profile is on.
+template <class Run>
+void profiled(std::int64_t m, std::int64_t n, std::int64_t k, Run&& run) {
+  if (!profiling.load(std::memory_order_relaxed)) [[likely]]
+    return run();
+  const auto t0 = std::chrono::steady_clock::now();
+  run();
+  const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0);
+  profiled_calls.fetch_add(1, std::memory_order_relaxed);
+  profiled_flops.fetch_add(static_cast<std::uint64_t>(2 * m * n * k), std::memory_order_relaxed);
+  profiled_ns.fetch_add(static_cast<std::uint64_t>(ns.count()), std::memory_order_relaxed);
+}
+}  // namespace
+
 template <class T>
 void gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* a, std::int64_t lda,
           const T* b, std::int64_t ldb, T beta, T* c, std::int64_t ldc) {
   if (m == 0 || n == 0) return;
   if (k == 0) return scale_only(m, n, beta, c, ldc);
-  auto run = [&] {
+  profiled(m, n, k, [&] {
     if constexpr (std::is_same_v<T, float>) {
       if (use_own_sgemm(ta, tb, m, n, k)) return sgemm_avx512(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     }
@@ -266,15 +299,29 @@ void gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, T al
         kernel = BlockKernel::matmul;
     }
     split_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, kernel);
-  };
-  if (!profiling.load(std::memory_order_relaxed)) [[likely]]
-    return run();
-  const auto t0 = std::chrono::steady_clock::now();
-  run();
-  const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0);
-  profiled_calls.fetch_add(1, std::memory_order_relaxed);
-  profiled_flops.fetch_add(static_cast<std::uint64_t>(2 * m * n * k), std::memory_order_relaxed);
-  profiled_ns.fetch_add(static_cast<std::uint64_t>(ns.count()), std::memory_order_relaxed);
+  });
+}
+
+template <class T>
+void gemm_bias_relu(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, const T* a, std::int64_t lda,
+                    const T* b, std::int64_t ldb, const T* bias, bool relu, T* c) {
+  if (m == 0 || n == 0) return;
+  if constexpr (std::is_same_v<T, float>) {
+    if (k > 0 && !use_own_sgemm(ta, tb, m, n, k) && !use_thin_sgemm(ta, tb, m, n, k) &&
+        !transpose_a_first(ta, tb, m, n, k) && use_matmul_primitive(ta, tb, m, n, k, lda, ldb, n)) {
+      profiled(m, n, k, [&] {
+        split_gemm(ta, tb, m, n, k, 1.0f, a, lda, b, ldb, 0.0f, c, n, BlockKernel::matmul, Epilogue{bias, relu});
+      });
+      return;
+    }
+  }
+  if (bias) {
+    parallel_units(m, m * n, [&](std::int64_t lo, std::int64_t hi) {
+      for (std::int64_t i = lo; i < hi; ++i) std::copy(bias, bias + n, c + i * n);
+    });
+  }
+  gemm<T>(ta, tb, m, n, k, T(1), a, lda, b, ldb, bias ? T(1) : T(0), c, n);
+  if (relu) parallel_units(m, m * n, [&](std::int64_t lo, std::int64_t hi) { relu_rows(hi - lo, n, c + lo * n, n); });
 }
 
 void gemm_onednn(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,
@@ -328,6 +375,10 @@ template void gemm<float>(bool, bool, std::int64_t, std::int64_t, std::int64_t, 
                           const float*, std::int64_t, float, float*, std::int64_t);
 template void gemm<double>(bool, bool, std::int64_t, std::int64_t, std::int64_t, double, const double*, std::int64_t,
                            const double*, std::int64_t, double, double*, std::int64_t);
+template void gemm_bias_relu<float>(bool, bool, std::int64_t, std::int64_t, std::int64_t, const float*, std::int64_t,
+                                    const float*, std::int64_t, const float*, bool, float*);
+template void gemm_bias_relu<double>(bool, bool, std::int64_t, std::int64_t, std::int64_t, const double*, std::int64_t,
+                                     const double*, std::int64_t, const double*, bool, double*);
 
 template void gemm_batched<float>(bool, bool, std::int64_t, std::int64_t, std::int64_t, std::int64_t, float,
                                   const float*, std::int64_t, std::int64_t, const float*, std::int64_t, std::int64_t,

@@ -13,6 +13,15 @@ template <class T>
 void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* a,
           std::int64_t lda, const T* b, std::int64_t ldb, T beta, T* c, std::int64_t ldc);
 
+// C = op(A) op(B) + bias (added to every row; null: none), then relu if asked (a NaN stays NaN);
+// C is m x n, dense. A linear layer's forward. Where gemm<float> would run the product on oneDNN's
+// matmul primitive (gemm.cpp, use_matmul_primitive), the bias and relu are applied as each tile of
+// C is written; elsewhere the bias is copied into C for a product with beta 1, and relu is one
+// more pass over C.
+template <class T>
+void gemm_bias_relu(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, const T* a,
+                    std::int64_t lda, const T* b, std::int64_t ldb, const T* bias, bool relu, T* c);
+
 // gemm over a batch of products: operand i starts stride_* elements after operand i - 1 (a stride
 // of 0 repeats one matrix).
 template <class T>
