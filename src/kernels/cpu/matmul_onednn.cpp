@@ -3,6 +3,7 @@
 #include <dnnl.hpp>
 
 #include <map>
+#include <mutex>
 #include <optional>
 #include <tuple>
 
@@ -65,6 +66,11 @@ bool matmul_onednn(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_
   auto it = plans.find(key);
   if (it == plans.end()) {
     if (plans.size() >= kMaxPlans) plans.clear();
+    // One creation at a time: oneDNN shares a primitive cache between threads, whose
+    // synchronization ThreadSanitizer cannot see (libdnnl is not instrumented) and reported as a
+    // race on its keys. A thread creates a plan once per shape, so the lock costs nothing after.
+    static std::mutex creating;
+    std::lock_guard lock(creating);
     it = plans.emplace(key, make_plan(key)).first;
   }
   if (!it->second) return false;
