@@ -75,7 +75,6 @@ Tensor matmul(const Tensor& a, const Tensor& b);
 // x [..., in] * weight[out, in]^T + bias[out]; one GEMM with the bias fused.
 Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = {});
 // relu(linear(x, weight, bias)) as one op: the bias and relu applied as the product is written.
-// (A NaN stays NaN here; relu gives 0 for one.)
 Tensor linear_relu(const Tensor& x, const Tensor& weight, const Tensor& bias = {});
 // (x - mean) / sqrt(var + eps) * weight + bias over the trailing normalized_shape dims (biased
 // variance); weight and bias, of normalized_shape, are optional. One fused op with its own backward.

@@ -56,7 +56,7 @@ bool onednn_has_avx512() {
 // oneDNN has AVX-512. There the primitive runs its brgemm kernels, which took the MLP's X W^T
 // products 4-10% faster than sgemm's on this project's AMD EPYC Zen 4 (one thread, operands hot,
 // 128-1024 x 256 x 256-784), and its training step 1.8-3.8% shorter (batch 64 and 256 on one
-// thread, 256 and 1024 on two; interleaved runs, BENCHMARKS.md "What session 20 changed"). The
+// thread, 256 and 1024 on two; interleaved runs, BENCHMARKS.md "Session 20: the MLP step on the Zen 4"). The
 // backward's layouts ran no faster on it (0-2% slower), and without AVX-512 it was not measured.
 // Results must not depend on the thread count, and brgemm's summation order depends on the block's
 // shape in two cases found: a block of another number of columns (so blocks are whole rows), and,
@@ -82,11 +82,11 @@ bool use_matmul_primitive(bool ta, bool tb, std::int64_t m, std::int64_t n, std:
 // - sgemm: oneDNN's sgemm, or OpenBLAS's dgemm for float64.
 enum class BlockKernel { sgemm, thin, matmul };
 
-// relu over rows of C, as the matmul primitive's epilogue does it: a NaN stays NaN.
+// relu over rows of C. A NaN becomes 0, as in the matmul primitive's epilogue and chaingrad's relu.
 template <class T>
 void relu_rows(std::int64_t m, std::int64_t n, T* c, std::int64_t ldc) {
   for (std::int64_t i = 0; i < m; ++i)
-    for (T* p = c + i * ldc; p != c + i * ldc + n; ++p) *p = *p <= T(0) ? T(0) : *p;
+    for (T* p = c + i * ldc; p != c + i * ldc + n; ++p) *p = *p > T(0) ? *p : T(0);
 }
 
 // An epilogue is only asked for with beta = 0 (gemm_bias_relu). Without the primitive it is done by
@@ -152,7 +152,7 @@ void split_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k
     } else {
       // Columns [lo, hi) of op(B) and of C.
       const T* b_block = tb ? b + lo * ldb : b + lo;
-      CG_ASSERT(!epilogue.bias);  // (the primitive's blocks, the only ones with an epilogue, are rows)
+      CG_ASSERT(!epilogue.bias && !epilogue.relu);  // (the only blocks with an epilogue, the primitive's, are rows)
       serial_gemm(ta, tb, m, hi - lo, k, alpha, a, lda, b_block, ldb, beta, c + lo, ldc, kernel, epilogue);
     }
   });
@@ -210,7 +210,6 @@ bool use_thin_sgemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64
   }();
   return allowed && sgemm_thin_applies(ta, tb, m, n, k);
 }
-
 
 // Whether gemm<float> copies A^T into a buffer first and runs A^T B as a plain A B product.
 // Where oneDNN has no AVX-512 (an AMD EPYC, Zen 3), its A^T B kernels ran the weight gradients

@@ -13,7 +13,7 @@ template <class T>
 void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* a,
           std::int64_t lda, const T* b, std::int64_t ldb, T beta, T* c, std::int64_t ldc);
 
-// C = op(A) op(B) + bias (added to every row; null: none), then relu if asked (a NaN stays NaN);
+// C = op(A) op(B) + bias (added to every row; null: none), then relu if asked (a NaN becomes 0);
 // C is m x n, dense. A linear layer's forward. Where gemm<float> would run the product on oneDNN's
 // matmul primitive (gemm.cpp, use_matmul_primitive), the bias and relu are applied as each tile of
 // C is written; elsewhere the bias is copied into C for a product with beta 1, and relu is one

@@ -6,7 +6,7 @@
 namespace chaingrad::kernels {
 
 // What the primitive applies to each tile of C as it writes it: a bias added to every row (n
-// values), then relu (a NaN stays NaN).
+// values), then relu (which gives 0 for a NaN).
 struct Epilogue {
   const float* bias = nullptr;
   bool relu = false;
