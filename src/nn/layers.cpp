@@ -308,8 +308,8 @@ Tensor Sequential::forward(const Tensor& x) {
   for (std::size_t i = 0; i < children_.size(); ++i) {
     Module& m = *children_[i].second;
     // A Linear followed by a ReLU runs as one op, which applies the bias and relu as the product is
-    // written and keeps one tensor and one node fewer (BENCHMARKS.md, "Session 20: the MLP step on the Zen 4").
-    // (Exactly these types: a subclass may do more in its forward.)
+    // written and keeps one tensor and one node fewer (BENCHMARKS.md, "Session 20: the MLP step on
+    // the Zen 4"). (Exactly these types: a subclass may do more in its forward.)
     if (i + 1 < children_.size() && typeid(m) == typeid(Linear) && typeid(*children_[i + 1].second) == typeid(ReLU)) {
       const auto& lin = static_cast<const Linear&>(m);
       h = linear_relu(h, lin.weight, lin.bias);
