@@ -74,13 +74,22 @@ bool use_matmul_primitive(bool ta, bool tb, std::int64_t m, std::int64_t n, std:
   return on && !ta && tb && m >= 32 && lda == k && ldb == k && ldc == n;
 }
 
-// The kernel a product's blocks run on. It is decided on the whole product, never on a thread's
-// block of it, so that every block runs the same kernel whatever the thread count:
+// The kernel a product runs on. It is decided on the whole product (float_kernel), never on a
+// thread's block of it, so that every block runs the same kernel whatever the thread count:
+// - sgemm: oneDNN's sgemm, or OpenBLAS's dgemm for float64;
 // - thin: the product has a side of at most 16 (a layer with few outputs), on sgemm_thin.cpp's
 //   kernels (BENCHMARKS.md, "The thin products");
 // - matmul: oneDNN's matmul primitive (use_matmul_primitive);
-// - sgemm: oneDNN's sgemm, or OpenBLAS's dgemm for float64.
-enum class BlockKernel { sgemm, thin, matmul };
+// - own: chaingrad's AVX-512 kernel, which cuts the product itself (use_own_sgemm);
+// - transposed_a: A^T copied first, then A B on sgemm (transpose_a_first).
+// Only the first three run a thread's block (split_gemm, serial_gemm).
+enum class Kernel { sgemm, thin, matmul, own, transposed_a };
+
+// C's rows set to the bias, for a product with beta 1 to add to.
+template <class T>
+void fill_rows(const T* bias, std::int64_t m, std::int64_t n, T* c, std::int64_t ldc) {
+  for (std::int64_t i = 0; i < m; ++i) std::copy(bias, bias + n, c + i * ldc);
+}
 
 // relu over rows of C. A NaN becomes 0, as in the matmul primitive's epilogue and chaingrad's relu.
 template <class T>
@@ -93,13 +102,13 @@ void relu_rows(std::int64_t m, std::int64_t n, T* c, std::int64_t ldc) {
 // hand: the bias copied into C's rows for a product with beta 1, relu over the block after.
 void serial_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,
                  std::int64_t lda, const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc,
-                 BlockKernel kernel, Epilogue epilogue = {}) {
-  if (kernel == BlockKernel::thin) return sgemm_thin(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+                 Kernel kernel, Epilogue epilogue = {}) {
+  if (kernel == Kernel::thin) return sgemm_thin(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   SingleThreadedOpenMp one_thread;
-  if (kernel == BlockKernel::matmul && matmul_onednn(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, epilogue))
+  if (kernel == Kernel::matmul && matmul_onednn(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, epilogue))
     return;
   if (epilogue.bias) {
-    for (std::int64_t i = 0; i < m; ++i) std::copy(epilogue.bias, epilogue.bias + n, c + i * ldc);
+    fill_rows(epilogue.bias, m, n, c, ldc);
     beta = 1.0f;
   }
   const dnnl_status_t st =
@@ -111,7 +120,7 @@ void serial_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t 
 
 void serial_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, double alpha, const double* a,
                  std::int64_t lda, const double* b, std::int64_t ldb, double beta, double* c, std::int64_t ldc,
-                 BlockKernel /*float64 has only dgemm*/, Epilogue epilogue = {}) {
+                 Kernel /*float64 has only dgemm*/, Epilogue epilogue = {}) {
   CG_ASSERT(!epilogue.bias && !epilogue.relu);
   make_openblas_single_threaded();
   cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, static_cast<int>(m),
@@ -125,13 +134,13 @@ void serial_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t 
 // are not: gemm_same_bits_any_threads).
 template <class T>
 void split_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* a, std::int64_t lda,
-                const T* b, std::int64_t ldb, T beta, T* c, std::int64_t ldc, BlockKernel kernel,
+                const T* b, std::int64_t ldb, T beta, T* c, std::int64_t ldc, Kernel kernel,
                 Epilogue epilogue = {}) {
   const double flops = 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
   const int threads = flops < kMinParallelFlops ? 1 : num_threads();
   // The matmul primitive's blocks are whole rows, at least kMatmulRows of them: with fewer, and
   // padded rows, brgemm changed every bit of the block (use_matmul_primitive).
-  const bool matmul = kernel == BlockKernel::matmul;
+  const bool matmul = kernel == Kernel::matmul;
   const bool by_rows = m >= n || matmul;
   const std::int64_t extent = by_rows ? m : n, align = matmul ? kMatmulRows : by_rows ? 1 : kColumnAlign;
   // (Whole units of align; for the primitive, the last unit also takes the rows left over.)
@@ -231,6 +240,16 @@ bool transpose_a_first(bool ta, bool tb, std::int64_t m, std::int64_t n, std::in
   return on && ta && !tb && m >= 128 && m <= 4096 && n >= 128 && k >= 64 && k <= 512;
 }
 
+// The kernel of a float32 product (Kernel), in order of precedence.
+Kernel float_kernel(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, std::int64_t lda,
+                    std::int64_t ldb, std::int64_t ldc) {
+  if (use_own_sgemm(ta, tb, m, n, k)) return Kernel::own;
+  if (use_thin_sgemm(ta, tb, m, n, k)) return Kernel::thin;
+  if (transpose_a_first(ta, tb, m, n, k)) return Kernel::transposed_a;
+  if (use_matmul_primitive(ta, tb, m, n, k, lda, ldb, ldc)) return Kernel::matmul;
+  return Kernel::sgemm;
+}
+
 // A^T B as A' B with A' = A^T in a buffer kept per thread (at most 4096 x 512 floats, 8 MiB).
 void gemm_after_transposing_a(std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,
                               std::int64_t lda, const float* b, std::int64_t ldb, float beta, float* c,
@@ -243,7 +262,7 @@ void gemm_after_transposing_a(std::int64_t m, std::int64_t n, std::int64_t k, fl
     transpose_f32(a, k, m, lda, at, k, lo * 8, std::min(m, hi * 8));
   });
   split_gemm(false, false, m, n, k, alpha, static_cast<const float*>(at), k, b, ldb, beta, c, ldc,
-             BlockKernel::sgemm);
+             Kernel::sgemm);
 }
 
 std::atomic<bool> profiling{false};
@@ -285,17 +304,11 @@ void gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, T al
   if (m == 0 || n == 0) return;
   if (k == 0) return scale_only(m, n, beta, c, ldc);
   profiled(m, n, k, [&] {
+    Kernel kernel = Kernel::sgemm;
     if constexpr (std::is_same_v<T, float>) {
-      if (use_own_sgemm(ta, tb, m, n, k)) return sgemm_avx512(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-    }
-    BlockKernel kernel = BlockKernel::sgemm;
-    if constexpr (std::is_same_v<T, float>) {
-      if (use_thin_sgemm(ta, tb, m, n, k))
-        kernel = BlockKernel::thin;
-      else if (transpose_a_first(ta, tb, m, n, k))
-        return gemm_after_transposing_a(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-      else if (use_matmul_primitive(ta, tb, m, n, k, lda, ldb, ldc))
-        kernel = BlockKernel::matmul;
+      kernel = float_kernel(ta, tb, m, n, k, lda, ldb, ldc);
+      if (kernel == Kernel::own) return sgemm_avx512(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+      if (kernel == Kernel::transposed_a) return gemm_after_transposing_a(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     }
     split_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, kernel);
   });
@@ -306,19 +319,15 @@ void gemm_bias_relu(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64
                     const T* b, std::int64_t ldb, const T* bias, bool relu, T* c) {
   if (m == 0 || n == 0) return;
   if constexpr (std::is_same_v<T, float>) {
-    if (k > 0 && !use_own_sgemm(ta, tb, m, n, k) && !use_thin_sgemm(ta, tb, m, n, k) &&
-        !transpose_a_first(ta, tb, m, n, k) && use_matmul_primitive(ta, tb, m, n, k, lda, ldb, n)) {
+    if (k > 0 && float_kernel(ta, tb, m, n, k, lda, ldb, n) == Kernel::matmul) {
       profiled(m, n, k, [&] {
-        split_gemm(ta, tb, m, n, k, 1.0f, a, lda, b, ldb, 0.0f, c, n, BlockKernel::matmul, Epilogue{bias, relu});
+        split_gemm(ta, tb, m, n, k, 1.0f, a, lda, b, ldb, 0.0f, c, n, Kernel::matmul, Epilogue{bias, relu});
       });
       return;
     }
   }
-  if (bias) {
-    parallel_units(m, m * n, [&](std::int64_t lo, std::int64_t hi) {
-      for (std::int64_t i = lo; i < hi; ++i) std::copy(bias, bias + n, c + i * n);
-    });
-  }
+  if (bias)
+    parallel_units(m, m * n, [&](std::int64_t lo, std::int64_t hi) { fill_rows(bias, hi - lo, n, c + lo * n, n); });
   gemm<T>(ta, tb, m, n, k, T(1), a, lda, b, ldb, bias ? T(1) : T(0), c, n);
   if (relu) parallel_units(m, m * n, [&](std::int64_t lo, std::int64_t hi) { relu_rows(hi - lo, n, c + lo * n, n); });
 }
@@ -327,7 +336,7 @@ void gemm_onednn(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t 
                  std::int64_t lda, const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
   if (m == 0 || n == 0) return;
   if (k == 0) return scale_only(m, n, beta, c, ldc);
-  split_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, BlockKernel::sgemm);
+  split_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, Kernel::sgemm);
 }
 
 bool gemm_same_bits_any_threads() { return onednn_has_avx512(); }
@@ -344,7 +353,7 @@ void warm_up_gemm() {
         const std::int64_t m = s[0], n = s[1], k = s[2];
         for (const float beta : {0.f, 1.f})
           serial_gemm(ta, tb, m, n, k, 1.f, a.data(), ta ? m : k, b.data(), tb ? k : n, beta, c.data(), n,
-                      BlockKernel::sgemm);
+                      Kernel::sgemm);
       }
   });
 }
