@@ -123,42 +123,63 @@ struct TinyMlp {
 
 }  // namespace
 
-// The folded step gives the parameters that backward + step() give, through a weight decay and a
-// schedule that changes lr every step; the weights are updated by backward itself and get no `.grad`.
+// The folded step gives the parameters that backward + step() give, with and without momentum,
+// through weight decay, dampening and a schedule that changes lr every step; the weights are
+// updated by backward itself and get no `.grad`, and the momentum buffers match step()'s.
 TEST(OptimSGDInBackward, MatchesTheStepAfterBackward) {
   const int saved = cg::get_num_threads();
-  for (const DType dtype : {DType::Float64, DType::Float32}) {
-    for (const int threads : {1, 2}) {
-      cg::set_num_threads(threads);
-      TinyMlp plain(3, dtype), folded(3, dtype);
-      optim::SGD plain_opt(plain.params(), {.lr = 0.1, .weight_decay = 0.01});
-      optim::SGD folded_opt(folded.params(), {.lr = 0.1, .weight_decay = 0.01, .in_backward = true});
-      optim::StepLR plain_sched(plain_opt, 1, 0.5), folded_sched(folded_opt, 1, 0.5);
-      cg::Generator data(7);
-      const double tol = dtype == DType::Float64 ? 1e-12 : 1e-5;
-      for (int step = 0; step < 4; ++step) {
-        const Tensor x = cg::randn(step % 2 ? cg::Dims{2, 3, 5} : cg::Dims{6, 5}, {.dtype = dtype}, &data);
-        const Tensor w1_before = folded.l1.weight.detach().clone();
-        for (TinyMlp* m : {&plain, &folded}) {
-          optim::SGD& opt = m == &plain ? plain_opt : folded_opt;
-          opt.zero_grad();
-          m->loss(x).backward();
-        }
-        EXPECT_FALSE(folded.l1.weight.grad().defined());
-        EXPECT_FALSE(folded.l2.weight.grad().defined());
-        EXPECT_TRUE(folded.l1.bias.grad().defined());  // (a sum, not a product: step() updates biases)
-        EXPECT_FALSE(cg::allclose(folded.l1.weight, w1_before, 0, 0)) << "backward left the weight as it was";
-        plain_opt.step();
-        folded_opt.step();
-        plain_sched.step();
-        folded_sched.step();
-        const auto pp = plain.params(), fp = folded.params();
-        for (std::size_t i = 0; i < pp.size(); ++i) {
-          const auto a = pp[i].to_vector<double>(), b = fp[i].to_vector<double>();
-          for (std::size_t j = 0; j < a.size(); ++j)
-            ASSERT_NEAR(b[j], a[j], tol * (1 + std::abs(a[j])))
-                << dtype << ", " << threads << " threads, step " << step << ", parameter " << i
-                << ", element " << j;
+  const std::vector<optim::SGDOptions> settings{{.lr = 0.1, .weight_decay = 0.01},
+                                                {.lr = 0.1, .momentum = 0.9},
+                                                {.lr = 0.1, .momentum = 0.9, .weight_decay = 0.01},
+                                                {.lr = 0.1, .momentum = 0.5, .dampening = 0.3, .weight_decay = 0.02}};
+  for (const optim::SGDOptions& setting : settings) {
+    for (const DType dtype : {DType::Float64, DType::Float32}) {
+      for (const int threads : {1, 2}) {
+        cg::set_num_threads(threads);
+        TinyMlp plain(3, dtype), folded(3, dtype);
+        optim::SGD plain_opt(plain.params(), setting);
+        optim::SGDOptions in_backward = setting;
+        in_backward.in_backward = true;
+        optim::SGD folded_opt(folded.params(), in_backward);
+        optim::StepLR plain_sched(plain_opt, 1, 0.5), folded_sched(folded_opt, 1, 0.5);
+        cg::Generator data(7);
+        const double tol = dtype == DType::Float64 ? 1e-12 : 1e-5;
+        const std::string where = "momentum " + std::to_string(setting.momentum) + ", dampening " +
+                                  std::to_string(setting.dampening) + ", weight decay " +
+                                  std::to_string(setting.weight_decay) + ", " + std::string(cg::dtype_name(dtype)) + ", " +
+                                  std::to_string(threads) + " threads";
+        for (int step = 0; step < 4; ++step) {
+          const Tensor x = cg::randn(step % 2 ? cg::Dims{2, 3, 5} : cg::Dims{6, 5}, {.dtype = dtype}, &data);
+          const Tensor w1_before = folded.l1.weight.detach().clone();
+          for (TinyMlp* m : {&plain, &folded}) {
+            optim::SGD& opt = m == &plain ? plain_opt : folded_opt;
+            opt.zero_grad();
+            m->loss(x).backward();
+          }
+          EXPECT_FALSE(folded.l1.weight.grad().defined()) << where;
+          EXPECT_FALSE(folded.l2.weight.grad().defined()) << where;
+          EXPECT_TRUE(folded.l1.bias.grad().defined());  // (a sum, not a product: step() updates biases)
+          EXPECT_FALSE(cg::allclose(folded.l1.weight, w1_before, 0, 0)) << where << ": backward left the weight";
+          plain_opt.step();
+          folded_opt.step();
+          plain_sched.step();
+          folded_sched.step();
+          const auto expect_near = [&](const std::vector<double>& a, const std::vector<double>& b,
+                                       const std::string& what) {
+            ASSERT_EQ(a.size(), b.size()) << where << ", " << what;
+            for (std::size_t j = 0; j < a.size(); ++j)
+              ASSERT_NEAR(b[j], a[j], tol * (1 + std::abs(a[j])))
+                  << where << ", step " << step << ", " << what << ", element " << j;
+          };
+          const auto pp = plain.params(), fp = folded.params();
+          for (std::size_t i = 0; i < pp.size(); ++i)
+            expect_near(pp[i].to_vector<double>(), fp[i].to_vector<double>(), "parameter " + std::to_string(i));
+          const optim::NamedTensors ps = plain_opt.state(), fs = folded_opt.state();
+          ASSERT_EQ(ps.size(), fs.size()) << where;
+          for (std::size_t i = 0; i < ps.size(); ++i) {
+            EXPECT_EQ(ps[i].first, fs[i].first) << where;
+            expect_near(ps[i].second.to_vector<double>(), fs[i].second.to_vector<double>(), ps[i].first);
+          }
         }
       }
     }
@@ -235,10 +256,11 @@ TEST(OptimSGDInBackward, ANodeThatReadsTheWeightAfterTheUpdateFails) {
 
 TEST(OptimSGDInBackward, ValidatesItsUse) {
   Tensor w = cg::ones({2, 3}, {.requires_grad = true});
-  expect_error<cg::ValueError>([&] { optim::SGD bad({w}, {.lr = 0.1, .momentum = 0.9, .in_backward = true}); },
-                               {"in_backward", "momentum 0", "0.9"});
-  optim::SGD momentum({w}, {.lr = 0.1, .momentum = 0.9});
-  expect_error<cg::ValueError>([&] { momentum.set_in_backward(true); }, {"in_backward", "momentum 0"});
+  expect_error<cg::ValueError>(
+      [&] { optim::SGD bad({w}, {.lr = 0.1, .momentum = 0.9, .nesterov = true, .in_backward = true}); },
+      {"in_backward", "Nesterov"});
+  optim::SGD nesterov({w}, {.lr = 0.1, .momentum = 0.9, .nesterov = true});
+  expect_error<cg::ValueError>([&] { nesterov.set_in_backward(true); }, {"in_backward", "Nesterov"});
   optim::SGD first({w}, {.lr = 0.1, .in_backward = true});
   expect_error<cg::ValueError>([&] { optim::SGD second({w}, {.lr = 0.1, .in_backward = true}); },
                                {"[2, 3]", "already updated in backward"});

@@ -520,34 +520,41 @@ TEST_F(Training, SigkillDuringSavesLeavesOldOrNewCheckpoints) {
   return ::testing::AssertionSuccess();
 }
 
-// --optimizer sgd folds its step into the products that make the weights' gradients (Note [updates
-// in backward]): training goes as with the step after backward, to rounding. On the steps that
-// --gradflow records, the gradients are made, so the table has the weights' norms.
+// --optimizer sgd and momentum fold their step into the products that make the weights'
+// gradients (Note [updates in backward]): training goes as with the step after backward, to
+// rounding. On the steps that --gradflow records, the gradients are made, so the table has the
+// weights' norms.
 TEST_F(Training, SgdStepInBackwardTrainsLikeTheStepAfterIt) {
-  const std::vector<std::string> common{"--model", "linear(32) relu linear(3)", "--batch-size", "16", "--epochs", "2",
-                                        "--optimizer", "sgd", "--schedule", "cosine"};
-  auto with = [&](std::vector<std::string> extra) {
-    extra.insert(extra.begin(), common.begin(), common.end());
-    return extra;
-  };
-  const Outcome folded = train(with({"--out", out("folded")}));
-  ASSERT_EQ(folded.exit_code, 0) << describe(folded);
-  const Outcome plain = train(with({"--no-step-in-backward", "--out", out("plain")}));
-  ASSERT_EQ(plain.exit_code, 0) << describe(plain);
-  EXPECT_TRUE(close_tensors(last("plain"), last("folded"), 1e-4));
-  const Outcome flow = train(with({"--gradflow", "--gradflow-every", "4", "--out", out("flow")}));
-  ASSERT_EQ(flow.exit_code, 0) << describe(flow);
-  EXPECT_TRUE(close_tensors(last("plain"), last("flow"), 1e-4));
-  int weight_rows = 0;
-  for (const std::string& line : lines_of(flow.out + flow.err)) {
-    std::istringstream row(line);
-    std::string name, shape_a, shape_b, grad_norm;
-    row >> name >> shape_a >> shape_b >> grad_norm;  // "0.weight [32, 8] 1.2e-01 ..."
-    if (!name.ends_with(".weight")) continue;
-    ++weight_rows;
-    EXPECT_NE(grad_norm, "-") << "no gradient recorded: " << line;
+  for (const std::string optimizer : {"sgd", "momentum"}) {
+    SCOPED_TRACE("--optimizer " + optimizer);
+    const std::vector<std::string> common{"--model",    "linear(32) relu linear(3)", "--batch-size", "16", "--epochs", "2",
+                                          "--optimizer", optimizer, "--schedule", "cosine"};
+    auto with = [&](std::vector<std::string> extra) {
+      extra.insert(extra.begin(), common.begin(), common.end());
+      return extra;
+    };
+    const std::string folded_dir = optimizer + "-folded", plain_dir = optimizer + "-plain", flow_dir = optimizer + "-flow";
+    const Outcome folded = train(with({"--out", out(folded_dir)}));
+    ASSERT_EQ(folded.exit_code, 0) << describe(folded);
+    const Outcome plain = train(with({"--no-step-in-backward", "--out", out(plain_dir)}));
+    ASSERT_EQ(plain.exit_code, 0) << describe(plain);
+    EXPECT_TRUE(close_tensors(last(plain_dir), last(folded_dir), 1e-4));
+    // (The momentum buffers too: a run resumed from either goes on alike.)
+    EXPECT_TRUE(close_tensors(last_optim(plain_dir), last_optim(folded_dir), 1e-4));
+    const Outcome flow = train(with({"--gradflow", "--gradflow-every", "4", "--out", out(flow_dir)}));
+    ASSERT_EQ(flow.exit_code, 0) << describe(flow);
+    EXPECT_TRUE(close_tensors(last(plain_dir), last(flow_dir), 1e-4));
+    int weight_rows = 0;
+    for (const std::string& line : lines_of(flow.out + flow.err)) {
+      std::istringstream row(line);
+      std::string name, shape_a, shape_b, grad_norm;
+      row >> name >> shape_a >> shape_b >> grad_norm;  // "0.weight [32, 8] 1.2e-01 ..."
+      if (!name.ends_with(".weight")) continue;
+      ++weight_rows;
+      EXPECT_NE(grad_norm, "-") << "no gradient recorded: " << line;
+    }
+    EXPECT_EQ(weight_rows, 2 * 2) << flow.out;  // two layers, a table at each epoch's end
   }
-  EXPECT_EQ(weight_rows, 2 * 2) << flow.out;  // two layers, a table at each epoch's end
 }
 
 // ================================================================ divergence

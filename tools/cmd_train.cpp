@@ -257,11 +257,12 @@ void run_train(const TrainOptions& o_in) {
            ": the checkpoint was saved in the middle of an epoch with --batch-size ",
            info.extra["chaingrad.batch_size"], "; resume it with that batch size, or from an epoch-N checkpoint");
   auto opt = make_optimizer(o, model->parameters());
-  // Plain SGD folds its step into the products that make the weights' gradients (Note [updates in
-  // backward], autograd.hpp), except where gradients must be seen whole: averaged over the ranks,
-  // or on a step that --gradflow records.
-  auto* const sgd_in_backward =
-      o.optimizer == "sgd" && o.step_in_backward && !dist ? static_cast<cg::optim::SGD*>(opt.get()) : nullptr;
+  // SGD, with momentum or without, folds its step into the products that make the weights'
+  // gradients (Note [updates in backward], autograd.hpp), except where gradients must be seen
+  // whole: averaged over the ranks, or on a step that --gradflow records.
+  auto* const sgd_in_backward = (o.optimizer == "sgd" || o.optimizer == "momentum") && o.step_in_backward && !dist
+                                    ? static_cast<cg::optim::SGD*>(opt.get())
+                                    : nullptr;
   if (sgd_in_backward) sgd_in_backward->set_in_backward(true);
   if (!o.resume.empty()) {
     bool found = false;
@@ -589,9 +590,9 @@ void add_train_command(CLI::App& app) {
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   cmd->add_flag("!--no-step-in-backward", o->step_in_backward,
-                "With --optimizer sgd: make every weight's gradient and step after backward, rather than fold "
-                "the step into the products that make the linear layers' weight gradients (the same update, "
-                "without a pass over the weights and gradients; for comparisons)");
+                "With --optimizer sgd or momentum: make every weight's gradient and step after backward, rather "
+                "than fold the step into the products that make the linear layers' weight gradients (the same "
+                "update, without a pass over the weights and gradients; for comparisons)");
   cmd->add_option("--report", o->report,
                   "Write a self-contained HTML training report (curves, gradient flow, warnings, confusion matrix) "
                   "to FILE, rewritten after each epoch")

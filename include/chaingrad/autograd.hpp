@@ -110,11 +110,13 @@ class RunningNode {
 }  // namespace detail
 
 // Note [updates in backward]
-// An optimizer's step reads every gradient back from memory after backward() wrote it: for plain
-// SGD on an MLP, a whole extra pass over the weights and their gradients each step. Where one
-// node computes a parameter's whole gradient as a matrix product (linear's G^T X), that node can
-// instead fold the step into the product, p <- decay * p - lr * G^T X, which reads and writes p
-// once while the product's tiles are in registers and makes no gradient tensor at all.
+// An optimizer's step reads every gradient back from memory after backward() wrote it: for SGD
+// on an MLP, a whole extra pass over the weights and their gradients each step. Where one node
+// computes a parameter's whole gradient as a matrix product (linear's G^T X), that node can
+// instead hand the product to the optimizer, which has it written where the step wants it: plain
+// SGD into the weight itself, p <- decay * p - lr * G^T X, so no gradient tensor is made at all;
+// momentum SGD into its buffer, b <- momentum * b + G^T X, then p <- p - lr * b while b is still
+// in cache.
 // An optimizer offers this by registering itself on its parameters (SGDOptions::in_backward). A
 // node asks Node::update_in_backward(i) and gets the update only when the result would be exactly
 // the step: the backward is a plain one (no grad() capture, create_graph, observer or anomaly
@@ -125,9 +127,19 @@ class RunningNode {
 // new values.
 class InBackwardUpdate {
  public:
-  // Read when the update is applied, so a schedule's change of lr takes effect at once.
-  virtual double lr() const = 0;
-  virtual double decay() const = 0;  // p's factor before the gradient is subtracted (1 - lr * wd)
+  // The parameter's gradient as a product the node has not run yet.
+  class Product {
+   public:
+    // c <- alpha * gradient + beta * c, for c contiguous, of the parameter's shape and dtype (beta
+    // 0 overwrites c, NaN included).
+    virtual void into(const Tensor& c, double alpha, double beta) const = 0;
+
+   protected:
+    ~Product() = default;
+  };
+  // Steps `param` with the gradient `product` makes, and returns true; false leaves `param` as it
+  // is and has the node make the gradient instead. Called at most once per parameter and backward.
+  virtual bool apply(const Tensor& param, const Product& product) = 0;
 
  protected:
   ~InBackwardUpdate() = default;
@@ -162,7 +174,7 @@ class Node {
   const InputMeta& output_meta() const { return output_meta_; }
   // Note [updates in backward]: the update to fold into input i's gradient, or null to make the
   // gradient. Only meaningful inside this node's apply().
-  const InBackwardUpdate* update_in_backward(std::size_t i) const;
+  InBackwardUpdate* update_in_backward(std::size_t i) const;
   // Hooks on the gradient w.r.t. this node's output (i.e. a non-leaf tensor's hooks).
   std::vector<GradHook>& pre_hooks() { return extra().pre_hooks; }
   bool has_pre_hooks() const { return extras_ && !extras_->pre_hooks.empty(); }
@@ -271,7 +283,7 @@ class AccumulateGrad final : public Node {
   void accumulate_value(double g);
   // Note [updates in backward]: the leaf's registered update when apply() would otherwise store the
   // gradient it is given as a new `.grad` (no `.grad` yet, no hooks).
-  const InBackwardUpdate* update_in_backward() const;
+  InBackwardUpdate* update_in_backward() const;
 
  private:
   TensorImpl* leaf_;

@@ -73,10 +73,12 @@ struct SGDOptions {
   double weight_decay = 0.0;
   bool nesterov = false;
   // Apply the step inside backward() wherever a parameter's whole gradient is one matrix product
-  // (linear layers' weights): the product then subtracts lr * gradient from the weight directly,
-  // and no gradient tensor is made (Note [updates in backward], autograd.hpp). Those parameters'
-  // `.grad` stays undefined, so step() skips them and updates the rest. A training loop runs
-  // unchanged: zero_grad(), backward(), step(). Needs momentum 0.
+  // (linear layers' weights), and make no gradient tensor for it (Note [updates in backward],
+  // autograd.hpp): without momentum the product subtracts lr * gradient from the weight directly;
+  // with momentum it is added into the momentum buffer, and the weight steps right after. Those
+  // parameters' `.grad` stays undefined, so step() skips them and updates the rest. A training
+  // loop runs unchanged: zero_grad(), backward(), step(). Not with Nesterov momentum, whose step
+  // needs the gradient apart from the buffer.
   bool in_backward = false;
 };
 
@@ -99,13 +101,14 @@ class SGD : public Optimizer {
   // What backward applies for this optimizer, at its lr of the moment.
   class InBackward final : public InBackwardUpdate {
    public:
-    explicit InBackward(const SGD& sgd) : sgd_(sgd) {}
-    double lr() const override { return sgd_.lr(); }
-    double decay() const override { return 1.0 - sgd_.lr() * sgd_.options_.weight_decay; }
+    explicit InBackward(SGD& sgd) : sgd_(sgd) {}
+    bool apply(const Tensor& param, const Product& product) override { return sgd_.step_in_backward(param, product); }
 
    private:
-    const SGD& sgd_;
+    SGD& sgd_;
   };
+  bool step_in_backward(const Tensor& param, const InBackwardUpdate::Product& product);
+
   SGDOptions options_;
   InBackward in_backward_{*this};
 };

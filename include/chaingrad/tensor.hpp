@@ -69,7 +69,7 @@ struct TensorImpl {
     std::shared_ptr<TensorImpl*> self_cell;
     // The optimizer that updates this leaf during backward where it can (Note [updates in
     // backward], autograd.hpp); it clears this before it is destroyed.
-    const InBackwardUpdate* update_in_backward = nullptr;
+    InBackwardUpdate* update_in_backward = nullptr;
   };
   std::unique_ptr<Extras> extras;
   Extras& extra() {

@@ -97,7 +97,7 @@ Node::~Node() {
   pending_deletes = nullptr;
 }
 
-const InBackwardUpdate* Node::update_in_backward(std::size_t i) const {
+InBackwardUpdate* Node::update_in_backward(std::size_t i) const {
   if (!detail::updates_in_backward_allowed || i >= next_edges_.size()) return nullptr;
   const Node* next = next_edges_[i].get();
   // The last edge into the accumulator: every other one has delivered (dependencies_ counts the
@@ -168,7 +168,7 @@ bool AccumulateGrad::accumulates_value() const {
   return !g || (g->dtype == leaf->dtype && g->shape.numel() == 1 && !g->requires_grad && !g->grad_fn);
 }
 
-const InBackwardUpdate* AccumulateGrad::update_in_backward() const {
+InBackwardUpdate* AccumulateGrad::update_in_backward() const {
   const TensorImpl* leaf = leaf_;
   if (!leaf || !leaf->extras || !leaf->extras->hooks.empty() || leaf->grad_impl) return nullptr;
   return leaf->extras->update_in_backward;

@@ -66,17 +66,25 @@ BatchOperand batch_operand(const Tensor& t) {
 }
 
 // Note [updates in backward] (autograd.hpp): when the optimizer of `param` (input `input` of `self`,
-// whose gradient is a b) asks for it, p <- decay p - lr a b in one product; false: make the gradient.
+// whose gradient is a b) asks for it, it steps `param` with the product written where it wants it;
+// false: make the gradient.
 bool update_in_product(const Node& self, std::size_t input, const Tensor& param, const Tensor& a, const Tensor& b) {
-  const InBackwardUpdate* update = self.update_in_backward(input);
-  // (An empty batch, k = 0, is left to step(), which scales p by decay alone.)
+  InBackwardUpdate* update = self.update_in_backward(input);
+  // (An empty batch, k = 0, is left to step(), which scales p by its decay alone.)
   if (!update || !param.is_contiguous() || param.dtype() != a.dtype() || param.dtype() != b.dtype() ||
       a.shape()[1] == 0)
     return false;
-  const double lr = update->lr(), decay = update->decay();
-  dispatch_float(param.dtype(), "update in backward", [&]<class T>() {
-    mm_into<T>(a, b, param.data<T>(), static_cast<T>(decay), static_cast<T>(-lr));
-  });
+  struct Product final : InBackwardUpdate::Product {
+    const Tensor &param, &a, &b;
+    Product(const Tensor& p, const Tensor& x, const Tensor& y) : param(p), a(x), b(y) {}
+    void into(const Tensor& c, double alpha, double beta) const override {
+      CG_ASSERT(c.is_contiguous() && c.dtype() == param.dtype() && c.shape() == param.shape());
+      dispatch_float(c.dtype(), "update in backward", [&]<class T>() {
+        mm_into<T>(a, b, c.data<T>(), static_cast<T>(beta), static_cast<T>(alpha));
+      });
+    }
+  };
+  if (!update->apply(param, Product(param, a, b))) return false;
   param.bump_version();
   return true;
 }
