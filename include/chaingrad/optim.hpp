@@ -77,8 +77,9 @@ struct SGDOptions {
   // autograd.hpp): without momentum the product subtracts lr * gradient from the weight directly;
   // with momentum it is added into the momentum buffer, and the weight steps right after. Those
   // parameters' `.grad` stays undefined, so step() skips them and updates the rest. A training
-  // loop runs unchanged: zero_grad(), backward(), step(). Not with Nesterov momentum, whose step
-  // needs the gradient apart from the buffer.
+  // loop runs unchanged: zero_grad(), backward(), step(). Each backward() then steps those weights,
+  // so a loop that accumulates gradients over several backward() calls before one step() must
+  // leave this off. Not with Nesterov momentum, whose step needs the gradient apart from the buffer.
   bool in_backward = false;
 };
 
