@@ -105,7 +105,7 @@ TEST(OptimSGD, Float32SkipsMissingGradsAndValidates) {
   expect_error<cg::ValueError>([&] { optim::SGD bad({a}, {.lr = -1}); }, {"lr must be"});
 }
 
-// ---------------------------------------------------------------- SGD in backward
+// ---------------------------------------------------------------- steps in backward
 namespace {
 
 // A two-layer perceptron and its loss on a batch, in `dtype`; the same seed gives the same weights.
@@ -123,36 +123,71 @@ struct TinyMlp {
 
 }  // namespace
 
-// The folded step gives the parameters that backward + step() give, with and without momentum,
-// through weight decay, dampening and a schedule that changes lr every step; the weights are
-// updated by backward itself and get no `.grad`, and the momentum buffers match step()'s.
-TEST(OptimSGDInBackward, MatchesTheStepAfterBackward) {
+// The folded step gives the parameters and state that backward + step() give, for every optimizer
+// and its variants (SGD's own ways, the others through a scratch gradient), through weight decay
+// and a schedule that changes lr every step; the weights are updated by backward itself and get no
+// `.grad`.
+TEST(OptimInBackward, MatchesTheStepAfterBackward) {
+  using Make = std::function<std::unique_ptr<optim::Optimizer>(std::vector<Tensor>, bool)>;
+  const std::vector<std::pair<std::string, Make>> settings{
+      {"SGD, weight decay",
+       [](auto p, bool b) {
+         return std::make_unique<optim::SGD>(p, optim::SGDOptions{.lr = 0.1, .weight_decay = 0.01, .in_backward = b});
+       }},
+      {"SGD, momentum",
+       [](auto p, bool b) {
+         return std::make_unique<optim::SGD>(p, optim::SGDOptions{.lr = 0.1, .momentum = 0.9, .in_backward = b});
+       }},
+      {"SGD, momentum, weight decay",
+       [](auto p, bool b) {
+         return std::make_unique<optim::SGD>(
+             p, optim::SGDOptions{.lr = 0.1, .momentum = 0.9, .weight_decay = 0.01, .in_backward = b});
+       }},
+      {"SGD, momentum, dampening, weight decay",
+       [](auto p, bool b) {
+         return std::make_unique<optim::SGD>(p, optim::SGDOptions{.lr = 0.1,
+                                                                  .momentum = 0.5,
+                                                                  .dampening = 0.3,
+                                                                  .weight_decay = 0.02,
+                                                                  .in_backward = b});
+       }},
+      {"SGD, Nesterov",
+       [](auto p, bool b) {
+         return std::make_unique<optim::SGD>(
+             p, optim::SGDOptions{.lr = 0.1, .momentum = 0.9, .weight_decay = 0.01, .nesterov = true, .in_backward = b});
+       }},
+      {"Adam, weight decay",
+       [](auto p, bool b) {
+         return std::make_unique<optim::Adam>(p, optim::AdamOptions{.lr = 0.01, .weight_decay = 0.01, .in_backward = b});
+       }},
+      {"AdamW, amsgrad",
+       [](auto p, bool b) {
+         return std::make_unique<optim::AdamW>(p, optim::AdamWOptions{.lr = 0.01, .amsgrad = true, .in_backward = b});
+       }},
+      {"RMSprop, centered, momentum",
+       [](auto p, bool b) {
+         return std::make_unique<optim::RMSprop>(
+             p, optim::RMSpropOptions{.lr = 0.01, .momentum = 0.5, .centered = true, .in_backward = b});
+       }},
+  };
   const int saved = cg::get_num_threads();
-  const std::vector<optim::SGDOptions> settings{{.lr = 0.1, .weight_decay = 0.01},
-                                                {.lr = 0.1, .momentum = 0.9},
-                                                {.lr = 0.1, .momentum = 0.9, .weight_decay = 0.01},
-                                                {.lr = 0.1, .momentum = 0.5, .dampening = 0.3, .weight_decay = 0.02}};
-  for (const optim::SGDOptions& setting : settings) {
+  for (const auto& [setting, make] : settings) {
     for (const DType dtype : {DType::Float64, DType::Float32}) {
       for (const int threads : {1, 2}) {
         cg::set_num_threads(threads);
         TinyMlp plain(3, dtype), folded(3, dtype);
-        optim::SGD plain_opt(plain.params(), setting);
-        optim::SGDOptions in_backward = setting;
-        in_backward.in_backward = true;
-        optim::SGD folded_opt(folded.params(), in_backward);
-        optim::StepLR plain_sched(plain_opt, 1, 0.5), folded_sched(folded_opt, 1, 0.5);
+        const auto plain_opt = make(plain.params(), false), folded_opt = make(folded.params(), true);
+        EXPECT_TRUE(folded_opt->in_backward());
+        optim::StepLR plain_sched(*plain_opt, 1, 0.5), folded_sched(*folded_opt, 1, 0.5);
         cg::Generator data(7);
         const double tol = dtype == DType::Float64 ? 1e-12 : 1e-5;
-        const std::string where = "momentum " + std::to_string(setting.momentum) + ", dampening " +
-                                  std::to_string(setting.dampening) + ", weight decay " +
-                                  std::to_string(setting.weight_decay) + ", " + std::string(cg::dtype_name(dtype)) + ", " +
-                                  std::to_string(threads) + " threads";
+        const std::string where =
+            setting + ", " + std::string(cg::dtype_name(dtype)) + ", " + std::to_string(threads) + " threads";
         for (int step = 0; step < 4; ++step) {
           const Tensor x = cg::randn(step % 2 ? cg::Dims{2, 3, 5} : cg::Dims{6, 5}, {.dtype = dtype}, &data);
           const Tensor w1_before = folded.l1.weight.detach().clone();
           for (TinyMlp* m : {&plain, &folded}) {
-            optim::SGD& opt = m == &plain ? plain_opt : folded_opt;
+            optim::Optimizer& opt = m == &plain ? *plain_opt : *folded_opt;
             opt.zero_grad();
             m->loss(x).backward();
           }
@@ -160,8 +195,8 @@ TEST(OptimSGDInBackward, MatchesTheStepAfterBackward) {
           EXPECT_FALSE(folded.l2.weight.grad().defined()) << where;
           EXPECT_TRUE(folded.l1.bias.grad().defined());  // (a sum, not a product: step() updates biases)
           EXPECT_FALSE(cg::allclose(folded.l1.weight, w1_before, 0, 0)) << where << ": backward left the weight";
-          plain_opt.step();
-          folded_opt.step();
+          plain_opt->step();
+          folded_opt->step();
           plain_sched.step();
           folded_sched.step();
           const auto expect_near = [&](const std::vector<double>& a, const std::vector<double>& b,
@@ -174,7 +209,7 @@ TEST(OptimSGDInBackward, MatchesTheStepAfterBackward) {
           const auto pp = plain.params(), fp = folded.params();
           for (std::size_t i = 0; i < pp.size(); ++i)
             expect_near(pp[i].to_vector<double>(), fp[i].to_vector<double>(), "parameter " + std::to_string(i));
-          const optim::NamedTensors ps = plain_opt.state(), fs = folded_opt.state();
+          const optim::NamedTensors ps = plain_opt->state(), fs = folded_opt->state();
           ASSERT_EQ(ps.size(), fs.size()) << where;
           for (std::size_t i = 0; i < ps.size(); ++i) {
             EXPECT_EQ(ps[i].first, fs[i].first) << where;
@@ -189,7 +224,7 @@ TEST(OptimSGDInBackward, MatchesTheStepAfterBackward) {
 
 // Wherever somebody may look at a weight's gradient, or it does not come from one product alone,
 // backward makes it as usual and leaves the weight alone.
-TEST(OptimSGDInBackward, MakesTheGradientWhereItIsWanted) {
+TEST(OptimInBackward, MakesTheGradientWhereItIsWanted) {
   cg::Generator gen(5);
   const Tensor x = cg::randn({4, 6}, {}, &gen);
   struct Case {
@@ -245,7 +280,7 @@ TEST(OptimSGDInBackward, MakesTheGradientWhereItIsWanted) {
 
 // A node that saved the weight and runs after the folded update would read the new values: it
 // fails, naming the in-place change, as it would after any other.
-TEST(OptimSGDInBackward, ANodeThatReadsTheWeightAfterTheUpdateFails) {
+TEST(OptimInBackward, ANodeThatReadsTheWeightAfterTheUpdateFails) {
   Tensor w = cg::ones({2, 3}, {.requires_grad = true});
   const Tensor u = cg::ones({2, 3}, {.requires_grad = true});
   optim::SGD opt({w}, {.lr = 0.1, .in_backward = true});
@@ -254,16 +289,13 @@ TEST(OptimSGDInBackward, ANodeThatReadsTheWeightAfterTheUpdateFails) {
   expect_error<cg::AutogradError>([&] { cg::add(early, late).backward(); }, {"mul", "in-place", "version"});
 }
 
-TEST(OptimSGDInBackward, ValidatesItsUse) {
+TEST(OptimInBackward, ValidatesItsUse) {
   Tensor w = cg::ones({2, 3}, {.requires_grad = true});
-  expect_error<cg::ValueError>(
-      [&] { optim::SGD bad({w}, {.lr = 0.1, .momentum = 0.9, .nesterov = true, .in_backward = true}); },
-      {"in_backward", "Nesterov"});
-  optim::SGD nesterov({w}, {.lr = 0.1, .momentum = 0.9, .nesterov = true});
-  expect_error<cg::ValueError>([&] { nesterov.set_in_backward(true); }, {"in_backward", "Nesterov"});
   optim::SGD first({w}, {.lr = 0.1, .in_backward = true});
   expect_error<cg::ValueError>([&] { optim::SGD second({w}, {.lr = 0.1, .in_backward = true}); },
-                               {"[2, 3]", "already updated in backward"});
+                               {"SGD", "[2, 3]", "already updated in backward"});
+  expect_error<cg::ValueError>([&] { optim::Adam second({w}, {.in_backward = true}); },
+                               {"Adam", "[2, 3]", "already updated in backward"});
 }
 
 // ---------------------------------------------------------------- Adam

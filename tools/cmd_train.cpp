@@ -257,13 +257,12 @@ void run_train(const TrainOptions& o_in) {
            ": the checkpoint was saved in the middle of an epoch with --batch-size ",
            info.extra["chaingrad.batch_size"], "; resume it with that batch size, or from an epoch-N checkpoint");
   auto opt = make_optimizer(o, model->parameters());
-  // SGD, with momentum or without, folds its step into the products that make the weights'
-  // gradients (Note [updates in backward], autograd.hpp), except where gradients must be seen
-  // whole: averaged over the ranks, or on a step that --gradflow records.
-  auto* const sgd_in_backward = (o.optimizer == "sgd" || o.optimizer == "momentum") && o.step_in_backward && !dist
-                                    ? static_cast<cg::optim::SGD*>(opt.get())
-                                    : nullptr;
-  if (sgd_in_backward) sgd_in_backward->set_in_backward(true);
+  // SGD steps the weights inside backward, as the products that make their gradients come out
+  // (Note [updates in backward], autograd.hpp), except where gradients must be seen whole: averaged
+  // over the ranks, or on a step that --gradflow records. Adam's steps in backward measured slower
+  // (BENCHMARKS.md, "Session 21"): its update is bound by its own passes, not by the gradient's.
+  const bool in_backward = (o.optimizer == "sgd" || o.optimizer == "momentum") && o.step_in_backward && !dist;
+  opt->set_in_backward(in_backward);
   if (!o.resume.empty()) {
     bool found = false;
     auto state = cli::load_optimizer_state(o.resume, start_step < 0 ? "" : std::to_string(start_step), found);
@@ -451,7 +450,7 @@ void run_train(const TrainOptions& o_in) {
       const cg::data::Batch batch = dist ? dist->batch(b) : loader.batch(b);
       const cg::Tensor loss = cg::cross_entropy((*model)(batch.inputs), batch.labels);
       opt->zero_grad();
-      if (sgd_in_backward && flow) sgd_in_backward->set_in_backward(!flow->due());
+      if (in_backward && flow) opt->set_in_backward(!flow->due());
       if (dist) dist->before_backward();
       loss.backward();
       if (dist) dist->after_backward();  // gradients averaged over the ranks
@@ -591,8 +590,8 @@ void add_train_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_flag("!--no-step-in-backward", o->step_in_backward,
                 "With --optimizer sgd or momentum: make every weight's gradient and step after backward, rather "
-                "than fold the step into the products that make the linear layers' weight gradients (the same "
-                "update, without a pass over the weights and gradients; for comparisons)");
+                "than step the linear layers' weights inside backward as the products that make their gradients "
+                "come out (the same update, with less memory traffic; for comparisons)");
   cmd->add_option("--report", o->report,
                   "Write a self-contained HTML training report (curves, gradient flow, warnings, confusion matrix) "
                   "to FILE, rewritten after each epoch")

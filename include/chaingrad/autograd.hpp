@@ -116,8 +116,8 @@ class RunningNode {
 // instead hand the product to the optimizer, which has it written where the step wants it: plain
 // SGD into the weight itself, p <- decay * p - lr * G^T X, so no gradient tensor is made at all;
 // momentum SGD into its buffer, b <- momentum * b + G^T X, then p <- p - lr * b while b is still
-// in cache.
-// An optimizer offers this by registering itself on its parameters (SGDOptions::in_backward). A
+// in cache; any other optimizer into a scratch gradient that its update reads at once.
+// An optimizer offers this by registering itself on its parameters (Optimizer::set_in_backward). A
 // node asks Node::update_in_backward(i) and gets the update only when the result would be exactly
 // the step: the backward is a plain one (no grad() capture, create_graph, observer or anomaly
 // mode), input i is a leaf with no `.grad` yet and no hooks, and this node's edge is the last of

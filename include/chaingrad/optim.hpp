@@ -21,12 +21,12 @@ using NamedTensors = std::vector<std::pair<std::string, Tensor>>;
 
 class Optimizer {
  public:
-  virtual ~Optimizer() = default;
+  virtual ~Optimizer();
   Optimizer(const Optimizer&) = delete;
   Optimizer& operator=(const Optimizer&) = delete;
 
   // One update of every parameter that has a gradient (others are skipped, as in PyTorch).
-  virtual void step() = 0;
+  void step();
   // Sets every parameter's gradient to undefined (PyTorch's set_to_none=True).
   void zero_grad();
 
@@ -45,6 +45,15 @@ class Optimizer {
   // values are copied (converted to each parameter's dtype).
   void load_state(const NamedTensors& state);
 
+  // Steps each parameter inside backward() wherever its whole gradient is one matrix product
+  // (linear layers' weights), from the next backward on, and makes no `.grad` for it (Note
+  // [updates in backward], autograd.hpp); step() then updates the rest. A training loop runs
+  // unchanged: zero_grad(), backward(), step(). Each backward() steps those weights, so a loop that
+  // accumulates gradients over several backward() calls before one step() must leave this off, as
+  // must one that looks at the weights' gradients (clipping, logging). Off unless the options say.
+  void set_in_backward(bool on);
+  bool in_backward() const { return in_backward_on_; }
+
  protected:
   // `slot_names`: the per-parameter buffers this optimizer keeps, in slot order.
   Optimizer(std::vector<Tensor> params, double lr, const char* name, std::vector<std::string> slot_names,
@@ -55,6 +64,12 @@ class Optimizer {
   bool has_slot(std::size_t i, std::size_t k) const { return slots_[i][k].defined(); }
   // Parameter i's gradient as a contiguous tensor of its dtype, or undefined when it has none.
   Tensor grad_of(std::size_t i) const;
+  // One update of parameter i with its gradient g (contiguous, of the parameter's shape and dtype);
+  // the caller bumps the parameter's version.
+  virtual void update(std::size_t i, const Tensor& g) = 0;
+  // The same with the gradient still a product (Note [updates in backward]). By default the
+  // product is made into a scratch gradient, which update() reads while it is still in cache.
+  virtual void update_in_backward(std::size_t i, const InBackwardUpdate::Product& product);
 
   std::vector<Tensor> params_;
   std::vector<std::vector<Tensor>> slots_;  // [param][slot]
@@ -63,6 +78,19 @@ class Optimizer {
   bool counts_steps_;
   double lr_;
   double initial_lr_;
+
+ private:
+  // What backward hands this optimizer for its parameters while in_backward() is on.
+  class InBackward final : public InBackwardUpdate {
+   public:
+    explicit InBackward(Optimizer& opt) : opt_(opt) {}
+    bool apply(const Tensor& param, const Product& product) override;
+
+   private:
+    Optimizer& opt_;
+  };
+  InBackward in_backward_{*this};
+  bool in_backward_on_ = false;
 };
 
 // ---------------------------------------------------------------- SGD
@@ -72,14 +100,9 @@ struct SGDOptions {
   double dampening = 0.0;
   double weight_decay = 0.0;
   bool nesterov = false;
-  // Apply the step inside backward() wherever a parameter's whole gradient is one matrix product
-  // (linear layers' weights), and make no gradient tensor for it (Note [updates in backward],
-  // autograd.hpp): without momentum the product subtracts lr * gradient from the weight directly;
-  // with momentum it is added into the momentum buffer, and the weight steps right after. Those
-  // parameters' `.grad` stays undefined, so step() skips them and updates the rest. A training
-  // loop runs unchanged: zero_grad(), backward(), step(). Each backward() then steps those weights,
-  // so a loop that accumulates gradients over several backward() calls before one step() must
-  // leave this off. Not with Nesterov momentum, whose step needs the gradient apart from the buffer.
+  // Optimizer::set_in_backward at construction. Without momentum the product subtracts lr *
+  // gradient from the weight directly; with momentum (not Nesterov's) it is added into the momentum
+  // buffer, and the weight steps right after.
   bool in_backward = false;
 };
 
@@ -90,28 +113,16 @@ struct SGDOptions {
 class SGD : public Optimizer {
  public:
   SGD(std::vector<Tensor> params, SGDOptions options = {});
-  ~SGD() override;
-  void step() override;
   const char* name() const override { return "SGD"; }
-  SGDOptions& options() { return options_; }  // options().lr is the initial lr; see lr()
-  // Turns options().in_backward on or off from the next backward on (off: every gradient is made,
-  // for a step whose gradients someone wants to see).
-  void set_in_backward(bool on);
+  // options().lr is the initial lr (see lr()); options().in_backward the initial in_backward().
+  SGDOptions& options() { return options_; }
+
+ protected:
+  void update(std::size_t i, const Tensor& g) override;
+  void update_in_backward(std::size_t i, const InBackwardUpdate::Product& product) override;
 
  private:
-  // What backward applies for this optimizer, at its lr of the moment.
-  class InBackward final : public InBackwardUpdate {
-   public:
-    explicit InBackward(SGD& sgd) : sgd_(sgd) {}
-    bool apply(const Tensor& param, const Product& product) override { return sgd_.step_in_backward(param, product); }
-
-   private:
-    SGD& sgd_;
-  };
-  bool step_in_backward(const Tensor& param, const InBackwardUpdate::Product& product);
-
   SGDOptions options_;
-  InBackward in_backward_{*this};
 };
 
 // ---------------------------------------------------------------- Adam / AdamW
@@ -122,6 +133,7 @@ struct AdamOptions {
   double eps = 1e-8;
   double weight_decay = 0.0;
   bool amsgrad = false;
+  bool in_backward = false;  // Optimizer::set_in_backward at construction
 };
 
 // t += 1; g = grad (+ wd * p for Adam; AdamW instead first sets p = p * (1 - lr * wd))
@@ -130,12 +142,12 @@ struct AdamOptions {
 class Adam : public Optimizer {
  public:
   Adam(std::vector<Tensor> params, AdamOptions options = {});
-  void step() override;
   const char* name() const override { return decoupled_ ? "AdamW" : "Adam"; }
   AdamOptions& options() { return options_; }
 
  protected:
   Adam(std::vector<Tensor> params, AdamOptions options, bool decoupled);
+  void update(std::size_t i, const Tensor& g) override;
 
  private:
   AdamOptions options_;
@@ -149,6 +161,7 @@ struct AdamWOptions {
   double eps = 1e-8;
   double weight_decay = 0.01;
   bool amsgrad = false;
+  bool in_backward = false;  // Optimizer::set_in_backward at construction
 };
 
 // Adam with decoupled weight decay (Loshchilov & Hutter): p = p * (1 - lr * wd) before the step.
@@ -165,6 +178,7 @@ struct RMSpropOptions {
   double weight_decay = 0.0;
   double momentum = 0.0;
   bool centered = false;
+  bool in_backward = false;  // Optimizer::set_in_backward at construction
 };
 
 // g = grad + wd * p;  s = alpha s + (1 - alpha) g^2
@@ -173,9 +187,11 @@ struct RMSpropOptions {
 class RMSprop : public Optimizer {
  public:
   RMSprop(std::vector<Tensor> params, RMSpropOptions options = {});
-  void step() override;
   const char* name() const override { return "RMSprop"; }
   RMSpropOptions& options() { return options_; }
+
+ protected:
+  void update(std::size_t i, const Tensor& g) override;
 
  private:
   RMSpropOptions options_;

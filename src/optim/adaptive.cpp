@@ -186,6 +186,7 @@ Adam::Adam(std::vector<Tensor> params, AdamOptions o, bool decoupled)
            ": betas must be in [0, 1); got beta1=", o.beta1, ", beta2=", o.beta2);
   CG_CHECK(o.eps >= 0.0 && o.weight_decay >= 0.0, ValueError, name(),
            ": eps and weight_decay must be non-negative; got eps=", o.eps, ", weight_decay=", o.weight_decay);
+  set_in_backward(o.in_backward);
 }
 
 Adam::Adam(std::vector<Tensor> params, AdamOptions o) : Adam(std::move(params), o, false) {}
@@ -193,36 +194,30 @@ Adam::Adam(std::vector<Tensor> params, AdamOptions o) : Adam(std::move(params), 
 AdamW::AdamW(std::vector<Tensor> params, AdamWOptions o)
     : Adam(std::move(params),
            AdamOptions{.lr = o.lr, .beta1 = o.beta1, .beta2 = o.beta2, .eps = o.eps, .weight_decay = o.weight_decay,
-                       .amsgrad = o.amsgrad},
+                       .amsgrad = o.amsgrad, .in_backward = o.in_backward},
            true) {}
 
-void Adam::step() {
-  NoGradGuard no_grad;
+void Adam::update(std::size_t i, const Tensor& g) {
   const AdamOptions& o = options_;
-  for (std::size_t i = 0; i < params_.size(); ++i) {
-    const Tensor g = grad_of(i);
-    if (!g.defined()) continue;
-    const Tensor& p = params_[i];
-    const auto t = static_cast<double>(++steps_[i]);
-    const double bc1 = 1.0 - std::pow(o.beta1, t), bc2 = 1.0 - std::pow(o.beta2, t);
-    Tensor& m = slot(i, 0);
-    Tensor& v = slot(i, 1);
-    dispatch_float(p.dtype(), name(), [&]<class T>() {
-      auto c = [](double x) { return static_cast<T>(x); };
-      T* vmax = o.amsgrad ? slot(i, 2).data<T>() : nullptr;
-      const T step_size = c(lr_ / bc1), bc2_sqrt = c(std::sqrt(bc2)), l2 = decoupled_ ? T(0) : c(o.weight_decay);
-      const T decay = c(decoupled_ ? 1.0 - lr_ * o.weight_decay : 1.0);
-      if (o.amsgrad)
-        for_lanes<T>(p.numel(), AdamLoop<T, true>{p.data<T>(), g.data<T>(), m.data<T>(), v.data<T>(), vmax,
-                                                  step_size, bc2_sqrt, c(o.beta1), c(o.beta2), c(1.0 - o.beta1),
-                                                  c(1.0 - o.beta2), c(o.eps), l2, decay});
-      else
-        for_lanes<T>(p.numel(), AdamLoop<T, false>{p.data<T>(), g.data<T>(), m.data<T>(), v.data<T>(), nullptr,
-                                                   step_size, bc2_sqrt, c(o.beta1), c(o.beta2), c(1.0 - o.beta1),
-                                                   c(1.0 - o.beta2), c(o.eps), l2, decay});
-    });
-    p.bump_version();
-  }
+  const Tensor& p = params_[i];
+  const auto t = static_cast<double>(++steps_[i]);
+  const double bc1 = 1.0 - std::pow(o.beta1, t), bc2 = 1.0 - std::pow(o.beta2, t);
+  Tensor& m = slot(i, 0);
+  Tensor& v = slot(i, 1);
+  dispatch_float(p.dtype(), name(), [&]<class T>() {
+    auto c = [](double x) { return static_cast<T>(x); };
+    T* vmax = o.amsgrad ? slot(i, 2).data<T>() : nullptr;
+    const T step_size = c(lr_ / bc1), bc2_sqrt = c(std::sqrt(bc2)), l2 = decoupled_ ? T(0) : c(o.weight_decay);
+    const T decay = c(decoupled_ ? 1.0 - lr_ * o.weight_decay : 1.0);
+    if (o.amsgrad)
+      for_lanes<T>(p.numel(), AdamLoop<T, true>{p.data<T>(), g.data<T>(), m.data<T>(), v.data<T>(), vmax,
+                                                step_size, bc2_sqrt, c(o.beta1), c(o.beta2), c(1.0 - o.beta1),
+                                                c(1.0 - o.beta2), c(o.eps), l2, decay});
+    else
+      for_lanes<T>(p.numel(), AdamLoop<T, false>{p.data<T>(), g.data<T>(), m.data<T>(), v.data<T>(), nullptr,
+                                                 step_size, bc2_sqrt, c(o.beta1), c(o.beta2), c(1.0 - o.beta1),
+                                                 c(1.0 - o.beta2), c(o.eps), l2, decay});
+  });
 }
 
 // ---------------------------------------------------------------- RMSprop
@@ -232,41 +227,36 @@ RMSprop::RMSprop(std::vector<Tensor> params, RMSpropOptions o)
   CG_CHECK(o.eps >= 0.0 && o.weight_decay >= 0.0 && o.momentum >= 0.0, ValueError,
            "RMSprop: eps, weight_decay and momentum must be non-negative; got eps=", o.eps,
            ", weight_decay=", o.weight_decay, ", momentum=", o.momentum);
+  set_in_backward(o.in_backward);
 }
 
-void RMSprop::step() {
-  NoGradGuard no_grad;
+void RMSprop::update(std::size_t i, const Tensor& g) {
   const RMSpropOptions& o = options_;
   const bool momentum = o.momentum > 0.0, centered = o.centered;
   // Slot indices follow rmsprop_slots: square_avg, [momentum_buffer], [grad_avg].
   const std::size_t k_buf = 1, k_avg = momentum ? 2 : 1;
-  for (std::size_t i = 0; i < params_.size(); ++i) {
-    const Tensor g = grad_of(i);
-    if (!g.defined()) continue;
-    const Tensor& p = params_[i];
-    ++steps_[i];
-    dispatch_float(p.dtype(), "RMSprop", [&]<class T>() {
-      auto c = [](double x) { return static_cast<T>(x); };
-      T* sq = slot(i, 0).data<T>();
-      T* avg = centered ? slot(i, k_avg).data<T>() : nullptr;
-      T* buf = momentum ? slot(i, k_buf).data<T>() : nullptr;
-      const std::int64_t n = p.numel();
-      auto run = [&]<bool kCentered, bool kMomentum>() {
-        for_lanes<T>(n, RMSpropLoop<T, kCentered, kMomentum>{p.data<T>(), g.data<T>(), sq, avg, buf, c(lr_),
-                                                             c(o.alpha), c(1.0 - o.alpha), c(o.eps),
-                                                             c(o.weight_decay), c(o.momentum)});
-      };
-      if (centered && momentum)
-        run.template operator()<true, true>();
-      else if (centered)
-        run.template operator()<true, false>();
-      else if (momentum)
-        run.template operator()<false, true>();
-      else
-        run.template operator()<false, false>();
-    });
-    p.bump_version();
-  }
+  const Tensor& p = params_[i];
+  ++steps_[i];
+  dispatch_float(p.dtype(), "RMSprop", [&]<class T>() {
+    auto c = [](double x) { return static_cast<T>(x); };
+    T* sq = slot(i, 0).data<T>();
+    T* avg = centered ? slot(i, k_avg).data<T>() : nullptr;
+    T* buf = momentum ? slot(i, k_buf).data<T>() : nullptr;
+    const std::int64_t n = p.numel();
+    auto run = [&]<bool kCentered, bool kMomentum>() {
+      for_lanes<T>(n, RMSpropLoop<T, kCentered, kMomentum>{p.data<T>(), g.data<T>(), sq, avg, buf, c(lr_),
+                                                           c(o.alpha), c(1.0 - o.alpha), c(o.eps),
+                                                           c(o.weight_decay), c(o.momentum)});
+    };
+    if (centered && momentum)
+      run.template operator()<true, true>();
+    else if (centered)
+      run.template operator()<true, false>();
+    else if (momentum)
+      run.template operator()<false, true>();
+    else
+      run.template operator()<false, false>();
+  });
 }
 
 }  // namespace chaingrad::optim

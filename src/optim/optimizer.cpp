@@ -36,6 +36,54 @@ Optimizer::Optimizer(std::vector<Tensor> params, double lr, const char* name, st
   steps_.assign(params_.size(), 0);
 }
 
+Optimizer::~Optimizer() { set_in_backward(false); }
+
+void Optimizer::step() {
+  NoGradGuard no_grad;
+  for (std::size_t i = 0; i < params_.size(); ++i) {
+    const Tensor g = grad_of(i);
+    if (!g.defined()) continue;
+    update(i, g);
+    params_[i].bump_version();
+  }
+}
+
+// ---------------------------------------------------------------- updates in backward
+void Optimizer::set_in_backward(bool on) {
+  if (on) {
+    for (const Tensor& p : params_) {
+      const InBackwardUpdate* other = p.impl()->extras ? p.impl()->extras->update_in_backward : nullptr;
+      CG_CHECK(other == nullptr || other == &in_backward_, ValueError, name(), ": in_backward: parameter of shape ",
+               p.shape(), " is already updated in backward by another optimizer");
+    }
+  }
+  for (const Tensor& p : params_) {
+    TensorImpl& impl = *p.impl();
+    if (on)
+      impl.extra().update_in_backward = &in_backward_;
+    else if (impl.extras && impl.extras->update_in_backward == &in_backward_)
+      impl.extras->update_in_backward = nullptr;
+  }
+  in_backward_on_ = on;
+}
+
+bool Optimizer::InBackward::apply(const Tensor& param, const Product& product) {
+  // (A linear search: a backward asks once per weight, and models have tens of parameters.)
+  const std::vector<Tensor>& ps = opt_.params_;
+  const auto it = std::find_if(ps.begin(), ps.end(), [&](const Tensor& p) { return p.impl() == param.impl(); });
+  if (it == ps.end()) return false;
+  opt_.update_in_backward(static_cast<std::size_t>(it - ps.begin()), product);
+  return true;
+}
+
+void Optimizer::update_in_backward(std::size_t i, const InBackwardUpdate::Product& product) {
+  NoGradGuard no_grad;
+  const Tensor& p = params_[i];
+  const Tensor g = empty(p.shape(), p.dtype());
+  product.into(g, 1.0, 0.0);
+  update(i, g);
+}
+
 void Optimizer::zero_grad() {
   for (Tensor& p : params_) p.zero_grad();
 }

@@ -1,5 +1,4 @@
 // SGD with momentum, dampening, Nesterov and L2 weight decay (PyTorch's torch.optim.SGD).
-#include <algorithm>
 #include <cmath>
 
 #include "chaingrad/autograd.hpp"
@@ -84,63 +83,31 @@ SGD::SGD(std::vector<Tensor> params, SGDOptions o)
   CG_CHECK(!o.nesterov || (o.momentum > 0.0 && o.dampening == 0.0), ValueError,
            "SGD: Nesterov momentum requires momentum > 0 and dampening = 0; got momentum=", o.momentum,
            ", dampening=", o.dampening);
-  options_.in_backward = false;
   set_in_backward(o.in_backward);
 }
 
-SGD::~SGD() { set_in_backward(false); }
-
-void SGD::set_in_backward(bool on) {
-  CG_CHECK(!on || !options_.nesterov, ValueError,
-           "SGD: in_backward does not apply Nesterov momentum, whose step needs each gradient apart from the "
-           "momentum buffer; turn off nesterov or in_backward");
-  if (on) {
-    for (const Tensor& p : params_) {
-      const InBackwardUpdate* other = p.impl()->extras ? p.impl()->extras->update_in_backward : nullptr;
-      CG_CHECK(other == nullptr || other == &in_backward_, ValueError, "SGD: in_backward: parameter of shape ",
-               p.shape(), " is already updated in backward by another optimizer");
-    }
-  }
-  for (const Tensor& p : params_) {
-    TensorImpl& impl = *p.impl();
-    if (on)
-      impl.extra().update_in_backward = &in_backward_;
-    else if (impl.extras && impl.extras->update_in_backward == &in_backward_)
-      impl.extras->update_in_backward = nullptr;
-  }
-  options_.in_backward = on;
-}
-
-void SGD::step() {
-  NoGradGuard no_grad;
+void SGD::update(std::size_t i, const Tensor& g) {
+  const Tensor& p = params_[i];
   const bool use_momentum = options_.momentum != 0.0;
-  for (std::size_t i = 0; i < params_.size(); ++i) {
-    const Tensor g = grad_of(i);
-    if (!g.defined()) continue;
-    const Tensor& p = params_[i];
-    const bool first = use_momentum && !has_slot(i, 0);
-    Tensor* buf = use_momentum ? &slot(i, 0) : nullptr;
-    dispatch_float(p.dtype(), "SGD", [&]<class T>() {
-      T *pp = p.data<T>(), *pb = buf ? buf->data<T>() : nullptr;
-      const T* pg = g.data<T>();
-      kernels::parallel_range(p.numel(), [&](std::int64_t lo, std::int64_t hi) {
-        sgd_kernel<T>(pp + lo, pg + lo, pb ? pb + lo : nullptr, hi - lo, options_, lr_, first);
-      });
+  const bool first = use_momentum && !has_slot(i, 0);
+  Tensor* buf = use_momentum ? &slot(i, 0) : nullptr;
+  dispatch_float(p.dtype(), "SGD", [&]<class T>() {
+    T *pp = p.data<T>(), *pb = buf ? buf->data<T>() : nullptr;
+    const T* pg = g.data<T>();
+    kernels::parallel_range(p.numel(), [&](std::int64_t lo, std::int64_t hi) {
+      sgd_kernel<T>(pp + lo, pg + lo, pb ? pb + lo : nullptr, hi - lo, options_, lr_, first);
     });
-    p.bump_version();
-    ++steps_[i];
-  }
+  });
+  ++steps_[i];
 }
 
 // Note [updates in backward]: the product writes straight into the weight without momentum, and
-// into the momentum buffer with it.
-bool SGD::step_in_backward(const Tensor& param, const InBackwardUpdate::Product& product) {
-  // (A linear search: a backward asks once per weight, and models have tens of parameters.)
-  const auto it = std::find_if(params_.begin(), params_.end(),
-                               [&](const Tensor& p) { return p.impl() == param.impl(); });
-  if (it == params_.end()) return false;
-  const auto i = static_cast<std::size_t>(it - params_.begin());
+// into the momentum buffer with it. Nesterov's step needs the gradient apart from the buffer, so
+// it takes the default way (a scratch gradient).
+void SGD::update_in_backward(std::size_t i, const InBackwardUpdate::Product& product) {
   const SGDOptions& o = options_;
+  const Tensor& param = params_[i];
+  if (o.nesterov) return Optimizer::update_in_backward(i, product);
   if (o.momentum == 0.0) {
     product.into(param, -lr_, 1.0 - lr_ * o.weight_decay);
   } else {
@@ -160,7 +127,6 @@ bool SGD::step_in_backward(const Tensor& param, const InBackwardUpdate::Product&
     });
   }
   ++steps_[i];
-  return true;
 }
 
 }  // namespace chaingrad::optim
