@@ -545,6 +545,57 @@ TEST(Fusion, LinearReluMatchesItsComposition) {
   cg::set_num_threads(saved);
 }
 
+// cross_entropy is one node (Note [cross_entropy in one node], loss.cpp): its loss and its
+// gradient match nll(log_softmax(z)) built from primitives, and the gradient matches the formula
+// (softmax(z) - q) g / N worked out in double, with and without label smoothing, on contiguous
+// and transposed logits, on the plain backward's path and under create_graph.
+TEST(Fusion, CrossEntropyMatchesItsCompositionAndTheFormula) {
+  cg::Generator gen(23);
+  const std::int64_t N = 37, C = 10;
+  std::vector<std::int64_t> labels(N);
+  for (std::int64_t n = 0; n < N; ++n) labels[static_cast<std::size_t>(n)] = (n * 7) % C;
+  const Tensor target = cg::from_vector(labels, {N});
+  for (const DType dtype : {DType::Float32, DType::Float64}) {
+    for (const double eps : {0.0, 0.1}) {
+      for (const bool transposed : {false, true}) {
+        for (const bool create_graph : {false, true}) {
+          const Tensor base = cg::mul(cg::randn(transposed ? cg::Dims{C, N} : cg::Dims{N, C}, {.dtype = dtype}, &gen),
+                                      cg::full({}, 3.0, {.dtype = dtype}));
+          Tensor z = (transposed ? cg::transpose(base, 0, 1) : base).detach();
+          z.requires_grad_();
+          const std::string where = std::string(cg::dtype_name(dtype)) + ", smoothing " + std::to_string(eps) +
+                                    (transposed ? ", transposed" : "") + (create_graph ? ", create_graph" : "");
+          const Tensor fused = cg::cross_entropy(z, target, eps);
+          const Tensor logp = cg::log_softmax(z, 1);
+          const Tensor composed = cg::add(
+              cg::mul(cg::neg(cg::mean(cg::gather(logp, 1, cg::unsqueeze(target, 1)))), cg::full({}, 1.0 - eps, {.dtype = dtype})),
+              cg::mul(cg::neg(cg::mean(logp)), cg::full({}, eps, {.dtype = dtype})));
+          const double tol = dtype == DType::Float32 ? 2e-6 : 1e-13;
+          EXPECT_NEAR(fused.item(), composed.item(), tol * std::abs(composed.item())) << where;
+          const Tensor g_fused = cg::autograd::grad({cg::mul(fused, cg::full({}, 2.5, {.dtype = dtype}))}, {z}, {},
+                                                    false, create_graph)[0];
+          const Tensor g_composed = cg::autograd::grad({cg::mul(composed, cg::full({}, 2.5, {.dtype = dtype}))}, {z})[0];
+          EXPECT_TRUE(cg::allclose(g_fused, g_composed, tol, tol)) << where;
+          EXPECT_EQ(g_fused.requires_grad(), create_graph) << where;
+          // The formula, from z's values in double.
+          const auto zv = z.to_vector<double>(), gv = g_fused.to_vector<double>();
+          for (std::int64_t n = 0; n < N; ++n) {
+            double m = -INFINITY, s = 0;
+            for (std::int64_t c = 0; c < C; ++c) m = std::max(m, zv[static_cast<std::size_t>(n * C + c)]);
+            for (std::int64_t c = 0; c < C; ++c) s += std::exp(zv[static_cast<std::size_t>(n * C + c)] - m);
+            for (std::int64_t c = 0; c < C; ++c) {
+              const double p = std::exp(zv[static_cast<std::size_t>(n * C + c)] - m) / s;
+              const double q = (c == labels[static_cast<std::size_t>(n)] ? 1.0 - eps : 0.0) + eps / C;
+              ASSERT_NEAR(gv[static_cast<std::size_t>(n * C + c)], 2.5 * (p - q) / N, tol * 10)
+                  << where << ", row " << n << ", class " << c;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 // A NaN reaching linear_relu comes out 0, as from relu, on the matmul primitive's path (float32,
 // 64 rows, 32 outputs: oneDNN's relu) and on the other (float64: chaingrad's pass after the product).
 TEST(Fusion, LinearReluGivesZeroForANaNAsReluDoes) {
