@@ -49,9 +49,9 @@ void sgd_kernel(T* __restrict p, const T* __restrict g, T* __restrict buf, std::
 }
 
 // Note [updates in backward], momentum: the two passes around the product that adds the gradient
-// into the buffer b (b <- beta b + alpha g). Before it, weight decay's share of the gradient:
-// b <- momentum b + (1 - dampening) wd p, so the product runs with beta 1. After it, the step
-// p <- p - lr b, and on the first step (b = g + wd p, undamped as PyTorch's) decay's share first.
+// into the buffer b (b <- momentum b + (1 - dampening) g). Before it, weight decay's share of the
+// gradient, b <- momentum b + (1 - dampening) wd p, so the product runs with beta 1. After it, the
+// step p <- p - lr b.
 template <class T>
 void decay_into_buffer(const T* __restrict p, T* __restrict buf, std::int64_t n, const SGDOptions& o) {
   const T mom = static_cast<T>(o.momentum), dwd = static_cast<T>((1.0 - o.dampening) * o.weight_decay);
@@ -59,17 +59,8 @@ void decay_into_buffer(const T* __restrict p, T* __restrict buf, std::int64_t n,
 }
 
 template <class T>
-void step_from_buffer(T* __restrict p, T* __restrict buf, std::int64_t n, const SGDOptions& o, double lr_d,
-                      bool first) {
-  const T lr = static_cast<T>(lr_d), wd = static_cast<T>(o.weight_decay);
-  if (first && o.weight_decay != 0.0) {
-    for (std::int64_t i = 0; i < n; ++i) {
-      const T b = buf[i] + wd * p[i];
-      buf[i] = b;
-      p[i] -= lr * b;
-    }
-    return;
-  }
+void step_from_buffer(T* __restrict p, const T* __restrict buf, std::int64_t n, double lr_d) {
+  const T lr = static_cast<T>(lr_d);
   for (std::int64_t i = 0; i < n; ++i) p[i] -= lr * buf[i];
 }
 
@@ -102,27 +93,27 @@ void SGD::update(std::size_t i, const Tensor& g) {
 }
 
 // Note [updates in backward]: the product writes straight into the weight without momentum, and
-// into the momentum buffer with it. Nesterov's step needs the gradient apart from the buffer, so
-// it takes the default way (a scratch gradient).
+// into the momentum buffer with it. The default way (a scratch gradient, then update()) takes the
+// rest: a momentum buffer's first step, which starts it as the gradient itself (once a parameter),
+// and Nesterov's step, which needs the gradient apart from the buffer.
 void SGD::update_in_backward(std::size_t i, const InBackwardUpdate::Product& product) {
   const SGDOptions& o = options_;
   const Tensor& param = params_[i];
-  if (o.nesterov) return Optimizer::update_in_backward(i, product);
+  if (o.nesterov || (o.momentum != 0.0 && !has_slot(i, 0))) return Optimizer::update_in_backward(i, product);
   if (o.momentum == 0.0) {
     product.into(param, -lr_, 1.0 - lr_ * o.weight_decay);
   } else {
     NoGradGuard no_grad;
-    const bool first = !has_slot(i, 0);
     const Tensor& buf = slot(i, 0);
     dispatch_float(param.dtype(), "SGD", [&]<class T>() {
       T *pp = param.data<T>(), *pb = buf.data<T>();
-      if (!first && o.weight_decay != 0.0)
+      if (o.weight_decay != 0.0)
         kernels::parallel_range(param.numel(), [&](std::int64_t lo, std::int64_t hi) {
           decay_into_buffer<T>(pp + lo, pb + lo, hi - lo, o);
         });
-      product.into(buf, first ? 1.0 : 1.0 - o.dampening, first ? 0.0 : o.weight_decay != 0.0 ? 1.0 : o.momentum);
+      product.into(buf, 1.0 - o.dampening, o.weight_decay != 0.0 ? 1.0 : o.momentum);
       kernels::parallel_range(param.numel(), [&](std::int64_t lo, std::int64_t hi) {
-        step_from_buffer<T>(pp + lo, pb + lo, hi - lo, o, lr_, first);
+        step_from_buffer<T>(pp + lo, pb + lo, hi - lo, lr_);
       });
     });
   }
